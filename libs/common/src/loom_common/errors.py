@@ -6,7 +6,8 @@
      └── LoomError
           ├── SpecError (ValueError)        a graph document is invalid; `.issues` lists every problem
           ├── CronError (ValueError)        a cron expression, duration or timezone is invalid
-          ├── ExpressionError (ValueError)  a `${{ }}` expression failed when it was evaluated
+          ├── ExpressionError (ValueError)  a `${{ }}` expression did not compile or evaluate
+          ├── ParamError (ValueError)       params given to a graph do not match its declaration
           └── SettingsError (ValueError)    the configuration (loom.toml, LOOM_*) is invalid
 """
 
@@ -15,7 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["CronError", "ExpressionError", "LoomError", "SettingsError", "SpecError", "SpecIssue"]
+__all__ = [
+    "CronError",
+    "ExpressionError",
+    "LoomError",
+    "ParamError",
+    "SettingsError",
+    "SpecError",
+    "SpecIssue",
+]
 
 
 class LoomError(Exception):
@@ -50,6 +59,14 @@ class CronError(LoomError, ValueError):
 
 class ExpressionError(LoomError, ValueError):
     """A `${{ }}` expression could not be evaluated (undefined name, bad operation)."""
+
+
+class ParamError(LoomError, ValueError):
+    """Params do not fit the graph's declaration; `problems` lists each, by param name."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{name}: {msg}" for name, msg in problems.items()))
 
 
 class SettingsError(LoomError, ValueError):
