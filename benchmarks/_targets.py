@@ -1,0 +1,5 @@
+"""Python node targets for the benchmarks."""
+
+
+def noop() -> None:
+    return None
