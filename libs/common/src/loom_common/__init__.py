@@ -1,1 +1,78 @@
-"""Loom common."""
+"""Loom's shared core: the graph spec and its validation, `${{ }}` expressions, cron,
+params, settings and logging. Pure: no I/O beyond reading the configuration.
+
+Other members import from here, not from the modules behind it.
+"""
+
+from loom_common.cron import (
+    CronExpression,
+    format_instant,
+    next_every,
+    parse_instant,
+    parse_timezone,
+    trigger_id,
+)
+from loom_common.durations import format_duration, parse_duration
+from loom_common.errors import (
+    CronError,
+    ExpressionError,
+    LoomError,
+    ParamError,
+    SettingsError,
+    SpecError,
+    SpecIssue,
+)
+from loom_common.expressions import (
+    Expr,
+    Template,
+    compile_template,
+    compile_value,
+    render_shell,
+    render_value,
+    to_text,
+)
+from loom_common.graph import CompiledNode, Graph, TriggerInfo, load_graph
+from loom_common.logs import bind_log_context, configure_logging, log_context
+from loom_common.params import check_param_value, parse_param_text, resolve_params
+from loom_common.settings import LoomSettings, load_settings
+from loom_common.spec import GraphSpec, NodeSpec, ParamSpec
+
+__all__ = [
+    "CompiledNode",
+    "CronError",
+    "CronExpression",
+    "Expr",
+    "ExpressionError",
+    "Graph",
+    "GraphSpec",
+    "LoomError",
+    "LoomSettings",
+    "NodeSpec",
+    "ParamError",
+    "ParamSpec",
+    "SettingsError",
+    "SpecError",
+    "SpecIssue",
+    "Template",
+    "TriggerInfo",
+    "bind_log_context",
+    "check_param_value",
+    "compile_template",
+    "compile_value",
+    "configure_logging",
+    "format_duration",
+    "format_instant",
+    "load_graph",
+    "load_settings",
+    "log_context",
+    "next_every",
+    "parse_duration",
+    "parse_instant",
+    "parse_param_text",
+    "parse_timezone",
+    "render_shell",
+    "render_value",
+    "resolve_params",
+    "to_text",
+    "trigger_id",
+]

@@ -4,7 +4,7 @@
 
     Exception
      └── LoomError
-          ├── SpecError (ValueError)        a graph document is invalid; `.issues` lists every problem
+          ├── SpecError (ValueError)        a graph document is invalid; `.issues` has each problem
           ├── CronError (ValueError)        a cron expression, duration or timezone is invalid
           ├── ExpressionError (ValueError)  a `${{ }}` expression did not compile or evaluate
           ├── ParamError (ValueError)       params given to a graph do not match its declaration

@@ -22,7 +22,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 from pydantic import ValidationError
 
 from loom_common import cron
@@ -56,7 +55,7 @@ from loom_common.spec import (
     WebhookTrigger,
 )
 
-__all__ = ["CompiledNode", "Graph", "load_graph", "spec_issues_from_validation"]
+__all__ = ["CompiledNode", "Graph", "TriggerInfo", "load_graph", "spec_issues_from_validation"]
 
 _NODE_CONTEXT = frozenset({"params", "env", "secrets", "nodes", "execution", "trigger"})
 _FANOUT_NAMES = frozenset({"item", "index"})
@@ -274,6 +273,8 @@ class _Checker:
     def _check_needs(
         self,
     ) -> tuple[tuple[str, ...], dict[str, frozenset[str]], dict[str, tuple[str, ...]]]:
+        import networkx as nx  # heavy (~40 ms): only validation needs it, not a service's start
+
         graph: Any = nx.DiGraph()
         ids = list(self.spec.nodes)
         graph.add_nodes_from(ids)

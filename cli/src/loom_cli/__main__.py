@@ -1,0 +1,3 @@
+from loom_cli.main import main
+
+main()

@@ -1,0 +1,80 @@
+"""The `loom` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from loom_cli.local import run_command, schema_command, validate_command
+
+__all__ = ["cli", "main"]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="loom", prog_name="loom")
+def cli() -> None:
+    """Loom runs graphs of shell, HTTP and Python nodes.
+
+    \b
+    Start with:  loom run examples/hello.yaml
+    """
+
+
+@cli.command("run")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-p",
+    "--param",
+    "params",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A param, read by its declared type (repeatable).",
+)
+@click.option(
+    "--secret",
+    "secrets",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A secret for ${{ secrets.NAME }}; NAME alone reads the variable NAME "
+    "from your environment (repeatable).",
+)
+@click.option(
+    "--slots",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Nodes running at once (default: LOOM_WORKER_SLOTS or the CPU count).",
+)
+@click.option(
+    "--color/--no-color", default=None, help="Colour the output (default: on a terminal)."
+)
+def run(
+    file: Path,
+    params: tuple[str, ...],
+    secrets: tuple[str, ...],
+    slots: int | None,
+    color: bool | None,
+) -> None:
+    """Run a graph file here, without a server: live logs, then a summary.
+
+    Exit status: 0 succeeded, 1 failed, 2 invalid graph or params, 130 interrupted.
+    """
+    sys.exit(run_command(file, params, secrets, slots=slots, color=color))
+
+
+@cli.command("validate")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def validate(files: tuple[Path, ...]) -> None:
+    """Check graph files; print every problem as FILE:LINE: PATH: message (exit 2 if any)."""
+    sys.exit(validate_command(files))
+
+
+@cli.command("schema")
+def schema() -> None:
+    """Print the JSON Schema of the graph spec."""
+    schema_command()
+
+
+def main() -> None:
+    cli()
