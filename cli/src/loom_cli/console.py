@@ -63,6 +63,8 @@ class Console:
             self._node(event)
         elif isinstance(event, ExecutionEvent):
             self._execution(event)
+            if event.status != "running":
+                return
         self._progress()
 
     def notice(self, text: str) -> None:

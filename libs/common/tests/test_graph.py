@@ -421,3 +421,18 @@ def test_default_trigger_ids_are_stable_when_triggers_are_reordered() -> None:
         ids.append(sorted(t.id for t in graph.triggers))
     assert ids[0] == ids[1]
     assert len(set(ids[0])) == 2
+
+
+def test_needs_and_cycles_are_reported_alongside_field_errors() -> None:
+    issues = issues_of(
+        """
+        name: g
+        nodes:
+          a: {run: "true", timeout: soon, needs: [b]}
+          b: {run: "true", needs: [a, nope]}
+        """
+    )
+    messages = [(i.line, i.message) for i in issues]
+    assert any(line == 4 and "expected a duration" in m for line, m in messages)
+    assert any(line == 5 and "unknown node 'nope'" in m for line, m in messages)
+    assert any(m.startswith("cycle: ") for _, m in messages)

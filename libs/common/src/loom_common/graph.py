@@ -125,7 +125,11 @@ def load_graph(text: str | bytes, *, filename: str | None = None) -> Graph:
     try:
         spec = GraphSpec.model_validate(doc.data)
     except ValidationError as exc:
-        raise SpecError(spec_issues_from_validation(exc, doc)) from None
+        issues = spec_issues_from_validation(exc, doc)
+        # Report broken needs and cycles too, not only the field errors that hid them.
+        seen = {(i.path, i.message) for i in issues}
+        more, _ = check_needs(_raw_needs(doc.data), doc)
+        raise SpecError(issues + [i for i in more if (i.path, i.message) not in seen]) from None
     source = text.decode("utf-8") if isinstance(text, bytes) else text
     return _Checker(spec, doc, source).build()
 
@@ -215,6 +219,67 @@ def _clean(message: str) -> str:
     return message
 
 
+# --- needs and cycles (also run on documents whose fields are invalid) -----------------
+
+Topology = tuple[tuple[str, ...], dict[str, frozenset[str]], dict[str, tuple[str, ...]]]
+
+
+def check_needs(needs: Mapping[str, list[str]], doc: Document) -> tuple[list[SpecIssue], Topology]:
+    """Unknown, self and repeated needs, and cycles (each named); and, when there are none,
+    the topological order, ancestors and dependents of every node."""
+    import networkx as nx  # heavy (~40 ms): only validation needs it, not a service's start
+
+    issues: list[SpecIssue] = []
+
+    def issue(path: Path, message: str) -> None:
+        issues.append(SpecIssue(format_path(path), message, doc.line_of(path)))
+
+    graph: Any = nx.DiGraph()
+    ids = list(needs)
+    graph.add_nodes_from(ids)
+    for node_id, node_needs in needs.items():
+        seen: set[str] = set()
+        for i, need in enumerate(node_needs):
+            path: Path = ("nodes", node_id, "needs", i)
+            if need == node_id:
+                issue(path, f"node '{node_id}' cannot need itself")
+            elif need not in needs:
+                issue(path, f"unknown node '{need}'{_did_you_mean(need, ids)}")
+            elif need in seen:
+                issue(path, f"'{need}' is listed twice")
+            else:
+                graph.add_edge(need, node_id)
+            seen.add(need)
+    cyclic = False
+    for component in nx.strongly_connected_components(graph):
+        if len(component) < 2:
+            continue
+        cyclic = True
+        cycle = nx.find_cycle(graph.subgraph(component))
+        names = [edge[0] for edge in cycle] + [cycle[0][0]]
+        first = min(component, key=ids.index)
+        issue(("nodes", first, "needs"), "cycle: " + " -> ".join(names))
+    if cyclic:
+        return issues, (tuple(ids), {n: frozenset() for n in ids}, dict.fromkeys(ids, ()))
+    order = tuple(nx.lexicographical_topological_sort(graph, key=ids.index))
+    ancestors = {n: frozenset(nx.ancestors(graph, n)) for n in ids}
+    dependents = {n: tuple(sorted(graph.successors(n), key=ids.index)) for n in ids}
+    return issues, (order, ancestors, dependents)
+
+
+def _raw_needs(data: dict[str, Any]) -> dict[str, list[str]]:
+    """`needs` read straight from a document that did not validate, as far as it can be."""
+    nodes = data.get("nodes")
+    if not isinstance(nodes, dict):
+        return {}
+    out: dict[str, list[str]] = {}
+    for node_id, node in nodes.items():
+        raw = node.get("needs", []) if isinstance(node, dict) else []
+        raw = [raw] if isinstance(raw, str) else raw
+        out[node_id] = [n for n in raw if isinstance(n, str)] if isinstance(raw, list) else []
+    return out
+
+
 # --- pass 2: the graph as a whole -----------------------------------------------------
 
 
@@ -273,39 +338,10 @@ class _Checker:
     def _check_needs(
         self,
     ) -> tuple[tuple[str, ...], dict[str, frozenset[str]], dict[str, tuple[str, ...]]]:
-        import networkx as nx  # heavy (~40 ms): only validation needs it, not a service's start
-
-        graph: Any = nx.DiGraph()
-        ids = list(self.spec.nodes)
-        graph.add_nodes_from(ids)
-        for node_id, node in self.spec.nodes.items():
-            seen: set[str] = set()
-            for i, need in enumerate(node.needs):
-                path: Path = ("nodes", node_id, "needs", i)
-                if need == node_id:
-                    self.issue(path, f"node '{node_id}' cannot need itself")
-                elif need not in self.spec.nodes:
-                    self.issue(path, f"unknown node '{need}'{_did_you_mean(need, ids)}")
-                elif need in seen:
-                    self.issue(path, f"'{need}' is listed twice")
-                else:
-                    graph.add_edge(need, node_id)
-                seen.add(need)
-        cyclic = False
-        for component in nx.strongly_connected_components(graph):
-            if len(component) < 2:
-                continue
-            cyclic = True
-            cycle = nx.find_cycle(graph.subgraph(component))
-            names = [edge[0] for edge in cycle] + [cycle[0][0]]
-            first = min(component, key=ids.index)
-            self.issue(("nodes", first, "needs"), "cycle: " + " -> ".join(names))
-        if cyclic:
-            return tuple(ids), {n: frozenset() for n in ids}, dict.fromkeys(ids, ())
-        order = tuple(nx.lexicographical_topological_sort(graph, key=ids.index))
-        ancestors = {n: frozenset(nx.ancestors(graph, n)) for n in ids}
-        dependents = {n: tuple(sorted(graph.successors(n), key=ids.index)) for n in ids}
-        return order, ancestors, dependents
+        needs = {node_id: node.needs for node_id, node in self.spec.nodes.items()}
+        issues, topology = check_needs(needs, self.doc)
+        self.issues.extend(issues)
+        return topology
 
     # nodes -------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ Executors are thin (`executors/`); the engine owns none of the scheduling in the
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import re
@@ -31,7 +32,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loom_common import CompiledNode, ExpressionError, Graph, render_shell, render_value
+from loom_common import (
+    CompiledNode,
+    ExpressionError,
+    Graph,
+    bind_log_context,
+    render_shell,
+    render_value,
+)
 from loom_worker.events import (
     NODE_TERMINAL,
     Event,
@@ -45,6 +53,8 @@ from loom_worker.events import (
 from loom_worker.executors import HttpExecutor, NodeCall, NodeFailed, PythonPool, ShellExecutor
 
 __all__ = ["Engine", "Execution", "NodeRecord"]
+
+_log = logging.getLogger("loom.engine")
 
 MAX_LINE_BYTES = 16 * 1024
 DEFAULT_MAX_LOG_BYTES = 100 * 1024 * 1024
@@ -265,6 +275,10 @@ class Execution:
 
     async def _run(self) -> None:
         graph = self.graph
+        # This task's context (and its node tasks', copied from it) carries the ids into
+        # every log record; DESIGN: ids bound where known.
+        bind_log_context(execution_id=self.id, graph=graph.name)
+        _log.debug("execution started")
         self._emit(ExecutionEvent(self.id, "running", self._started_at))
         try:
             self._prepare_context()
@@ -284,6 +298,7 @@ class Execution:
             if self._workspace is not None:
                 await asyncio.to_thread(shutil.rmtree, self._workspace, True)
         self.status = self._final_status()
+        _log.debug("execution %s", self.status, extra={"error": self.error} if self.error else None)
         self._emit(ExecutionEvent(self.id, self.status, _now(), self.error))
         self._queue.put_nowait(None)
 
@@ -488,6 +503,7 @@ class Execution:
     async def _run_instance(
         self, node: CompiledNode, instance: str, index: int | None, item: Any
     ) -> tuple[NodeStatus, Any]:
+        bind_log_context(node=instance)  # node tasks and gather's children each own a context
         prior = self.prior.get(instance)
         attempt = 0
         if prior is not None:
@@ -507,6 +523,7 @@ class Execution:
                 node, instance, index, item, attempt
             )
             last = try_number == tries or not retryable or status == "cancelled"
+            _log.debug("attempt %d %s", attempt, status, extra={"error": error} if error else None)
             if status == "succeeded" or last:
                 self._node_event(
                     node,

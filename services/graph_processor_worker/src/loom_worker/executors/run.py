@@ -104,7 +104,11 @@ class ShellExecutor:
             "LOOM_OUTPUT": output_path,
             "LOOM_EXECUTION_ID": call.execution_id,
         }
-        argv = self._direct_argv(script, env["PATH"]) or self._argv(shell, script)
+        argv = self._direct_argv(script, env["PATH"])
+        if argv is None:
+            argv = self._argv(shell, script)
+        elif call.workdir is not None:
+            env["PWD"] = str(call.workdir)  # what bash would have exported to the program
         try:
             returncode = await self._run_process(argv, env, call.workdir, log)
             text = _read_output_file(output_path)

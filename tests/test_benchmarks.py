@@ -1,0 +1,38 @@
+"""The benchmarks run from the README's command and print their figures as JSON lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = {
+    "benchmark",
+    "name",
+    "value",
+    "unit",
+    "baseline",
+    "baseline_name",
+    "ratio",
+    "target",
+    "n",
+    "quick",
+}
+
+
+def test_engine_benchmark_quick_prints_b1_and_b2() -> None:
+    result = subprocess.run(
+        [sys.executable, "benchmarks/engine.py", "--quick", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [f["benchmark"] for f in figures] == ["B1", "B2"]
+    for figure in figures:
+        assert FIELDS <= set(figure)
+        assert figure["value"] > 0 and figure["baseline"] > 0 and figure["quick"] is True
