@@ -1,0 +1,133 @@
+"""One async engine per process, for SQLite (aiosqlite) or PostgreSQL (psycopg 3).
+
+`Database` owns the engine and hands out transactions (`async with db.transaction() as
+conn`) whose connection errors arrive as `DatabaseUnavailable`. Operations elsewhere in
+loom_db are plain async functions over that `AsyncConnection` (SQLAlchemy Core).
+
+SQLite runs in WAL mode with a busy timeout and foreign keys on; it has a single writer,
+so every transaction that writes takes the write lock at its start (`BEGIN IMMEDIATE`)
+instead of failing with "database is locked" halfway through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from loom_db.errors import DatabaseUnavailable, translate_errors
+
+__all__ = ["Database", "create_database"]
+
+_log = logging.getLogger("loom.db")
+T = TypeVar("T")
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def create_database(
+    url: str, *, pool_size: int = 10, max_overflow: int = 10, echo: bool = False
+) -> Database:
+    """A `Database` for `url` (`sqlite+aiosqlite:///path` or `postgresql+psycopg://...`).
+    Creates the SQLite file's directory. Does not connect yet."""
+    parsed = make_url(url)
+    kwargs: dict[str, Any] = {"echo": echo}
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    elif parsed.get_backend_name() == "postgresql":
+        if parsed.drivername != "postgresql+psycopg":
+            raise ValueError(
+                f"use postgresql+psycopg:// for PostgreSQL, not {parsed.drivername}://"
+            )
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+    else:
+        raise ValueError(
+            f"unsupported database URL {parsed.drivername}:// "
+            "(use sqlite+aiosqlite:// or postgresql+psycopg://)"
+        )
+    engine = create_async_engine(parsed, **kwargs)
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine)
+    return Database(engine)
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # pysqlite's own transaction handling would defer BEGIN; Loom emits BEGIN itself.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        readonly = connection.get_execution_options().get("loom_readonly", False)
+        connection.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+
+class Database:
+    """The process's database: one engine, transactions, and the outbox wake-up hooks."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._after_commit: list[Callable[[], None]] = []
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction, committed when the block ends without error."""
+        with translate_errors():
+            async with self.engine.begin() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reading (on SQLite it does not take the write lock)."""
+        with translate_errors():
+            async with self.engine.connect() as conn:
+                conn = await conn.execution_options(loom_readonly=True)
+                yield conn
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        """Call `callback` after every `notify_committed()` (the outbox relay's wake-up)."""
+        self._after_commit.append(callback)
+
+    def notify_committed(self) -> None:
+        for callback in self._after_commit:
+            callback()
+
+    async def retrying(
+        self, operation: Callable[[], Awaitable[T]], *, attempts: int = 3, delay: float = 0.2
+    ) -> T:
+        """Run an IDEMPOTENT operation, retrying only `DatabaseUnavailable`, with backoff."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return await operation()
+            except DatabaseUnavailable as exc:
+                if attempt == attempts:
+                    raise
+                _log.warning("database unavailable (attempt %d of %d): %s", attempt, attempts, exc)
+                await asyncio.sleep(delay * 2 ** (attempt - 1))
+        raise AssertionError("unreachable")
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
