@@ -33,11 +33,14 @@ from loom_common.expressions import (
 )
 from loom_common.graph import CompiledNode, Graph, TriggerInfo, load_graph
 from loom_common.logs import bind_log_context, configure_logging, log_context
+from loom_common.messages import CHANNEL_OF, MESSAGE_TYPES, encode_envelope
 from loom_common.params import check_param_value, parse_param_text, resolve_params
 from loom_common.settings import LoomSettings, load_settings
 from loom_common.spec import GraphSpec, NodeSpec, ParamSpec
 
 __all__ = [
+    "CHANNEL_OF",
+    "MESSAGE_TYPES",
     "CompiledNode",
     "CronError",
     "CronExpression",
@@ -60,6 +63,7 @@ __all__ = [
     "compile_template",
     "compile_value",
     "configure_logging",
+    "encode_envelope",
     "format_duration",
     "format_instant",
     "load_graph",
