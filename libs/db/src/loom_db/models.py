@@ -7,7 +7,7 @@ Hot paths (log lines, node runs, outbox, leases) use these tables through SQLAlc
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     Boolean,
@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
+    Table,
     Text,
     UniqueConstraint,
     text,
@@ -39,7 +40,20 @@ __all__ = [
     "TriggerRow",
     "User",
     "WebhookDelivery",
+    "api_tokens",
+    "audit_log",
+    "executions",
+    "graph_versions",
+    "graphs",
+    "log_lines",
     "metadata",
+    "node_runs",
+    "outbox",
+    "refresh_families",
+    "secrets",
+    "triggers",
+    "users",
+    "webhook_deliveries",
 ]
 
 metadata = SQLModel.metadata
@@ -308,3 +322,25 @@ class AuditEntry(SQLModel, table=True):
     detail: dict[str, Any] = Field(
         default_factory=dict, sa_column=Column(JsonValue, nullable=False)
     )
+
+
+# --- Core handles for the hot paths -----------------------------------------------------
+
+
+def _table(model: type[SQLModel]) -> Table:
+    return cast(Table, model.__table__)  # type: ignore[attr-defined]
+
+
+users = _table(User)
+api_tokens = _table(ApiToken)
+refresh_families = _table(RefreshFamily)
+graphs = _table(GraphRow)
+graph_versions = _table(GraphVersion)
+triggers = _table(TriggerRow)
+executions = _table(Execution)
+node_runs = _table(NodeRun)
+log_lines = _table(LogLine)
+secrets = _table(SecretRow)
+outbox = _table(OutboxRow)
+webhook_deliveries = _table(WebhookDelivery)
+audit_log = _table(AuditEntry)

@@ -13,15 +13,13 @@ from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from loom_common import CHANNEL_OF, encode_envelope
-from loom_db.models import OutboxRow
+from loom_db.models import outbox as _outbox
 from loom_db.types import utcnow
 
 __all__ = ["NOTIFY_CHANNEL", "enqueue"]
 
 NOTIFY_CHANNEL = "loom_outbox"
 """The PostgreSQL LISTEN/NOTIFY channel that wakes relays in other processes."""
-
-_outbox = OutboxRow.__table__
 
 
 async def enqueue(conn: AsyncConnection, type: str, key: str, data: dict[str, Any]) -> int:
