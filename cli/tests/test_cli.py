@@ -173,3 +173,36 @@ def test_schema_is_json_schema_of_the_spec() -> None:
     schema = json.loads(result.stdout)
     assert {"name", "nodes", "triggers", "params"} <= set(schema["properties"])
     assert "additionalProperties" in json.dumps(schema)
+
+
+def test_a_reader_that_goes_away_stops_the_run(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "name: g\nnodes:\n  a: {run: 'for i in $(seq 1 300); do echo line $i; sleep 0.05; done'}\n",
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "loom_cli", "run", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    ) as proc:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # like `| head -1`
+        assert proc.wait(timeout=30) == 141
+    assert first == b"a | line 1\n"
+
+
+def test_sigterm_cancels_and_exits_143(tmp_path: Path) -> None:
+    path = write(tmp_path, "name: g\nnodes:\n  a: {run: 'echo started; sleep 60'}\n")
+    with subprocess.Popen(
+        [sys.executable, "-m", "loom_cli", "run", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "a | started\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143

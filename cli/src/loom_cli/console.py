@@ -65,6 +65,8 @@ class Console:
             self._execution(event)
             if event.status != "running":
                 return
+        if not self.tty:
+            self.out.flush()  # piped: line by line, so a reader sees lines as they come
         self._progress()
 
     def notice(self, text: str) -> None:

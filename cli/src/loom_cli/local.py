@@ -27,7 +27,8 @@ from loom_common import (
 )
 from loom_worker.engine import Engine
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a pipeline's early writer
 
 
 def _load(path: Path) -> tuple[Graph | None, list[str]]:
@@ -134,25 +135,36 @@ async def _run(
     loop = asyncio.get_running_loop()
     async with Engine(slots=slots, python_path=(graph_dir,)) as engine:
         execution = engine.start(graph, params=params, secrets=secrets)
-        interrupted = False
+        interrupted: int | None = None
 
-        def interrupt() -> None:
+        def interrupt(signum: int) -> None:
             nonlocal interrupted
-            if interrupted:  # a second Ctrl-C: stop waiting for processes to die
+            if interrupted is not None:  # a second signal: stop waiting for processes to die
                 raise KeyboardInterrupt
-            interrupted = True
+            interrupted = signum
             console.notice("interrupted: cancelling (Ctrl-C again to quit at once)")
             execution.cancel()
 
-        loop.add_signal_handler(signal.SIGINT, interrupt)
-        loop.add_signal_handler(signal.SIGTERM, interrupt)
+        loop.add_signal_handler(signal.SIGINT, interrupt, signal.SIGINT)
+        loop.add_signal_handler(signal.SIGTERM, interrupt, signal.SIGTERM)
+        reader_gone = False
         try:
             async for event in execution:
-                console.event(event)
+                try:
+                    console.event(event)
+                except BrokenPipeError:  # `loom run ... | head`: the reader is gone, stop
+                    reader_gone = True
+                    execution.cancel()
+                    break
         finally:
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
+            await execution.aclose()
+        if reader_gone:
+            # Python would complain about flushing stdout at exit: point it at nothing.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         console.summary(execution)
-    if interrupted:
-        return EXIT_INTERRUPTED
+    if interrupted is not None:
+        return EXIT_INTERRUPTED if interrupted == signal.SIGINT else EXIT_TERMINATED
     return EXIT_OK if execution.status == "succeeded" else EXIT_FAILED

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from loom_cli.db import db
 from loom_cli.local import run_command, schema_command, validate_command
 
 __all__ = ["cli", "main"]
@@ -58,7 +59,8 @@ def run(
 ) -> None:
     """Run a graph file here, without a server: live logs, then a summary.
 
-    Exit status: 0 succeeded, 1 failed, 2 invalid graph or params, 130 interrupted.
+    Exit status: 0 succeeded, 1 failed, 2 invalid graph or params, 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM).
     """
     sys.exit(run_command(file, params, secrets, slots=slots, color=color))
 
@@ -74,6 +76,9 @@ def validate(files: tuple[Path, ...]) -> None:
 def schema() -> None:
     """Print the JSON Schema of the graph spec."""
     schema_command()
+
+
+cli.add_command(db)
 
 
 def main() -> None:

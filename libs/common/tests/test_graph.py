@@ -436,3 +436,62 @@ def test_needs_and_cycles_are_reported_alongside_field_errors() -> None:
     assert any(line == 4 and "expected a duration" in m for line, m in messages)
     assert any(line == 5 and "unknown node 'nope'" in m for line, m in messages)
     assert any(m.startswith("cycle: ") for _, m in messages)
+
+
+@pytest.mark.parametrize(
+    ("node", "fragment"),
+    [
+        ("{run: 'true', if: failure}", "failure is a function: write failure()"),
+        ("{run: 'true', if: 'x ${{ true }}'}", "`if` takes one expression"),
+        ("{run: 'true', timeout: 0s}", "a timeout must be longer than 0s"),
+        ("{run: 'true', retries: '3'}", "valid integer"),
+        ("{run: 'true', continue_on_failure: 'yes'}", "valid boolean"),
+        ("{run: 'true', env: {'A=B': x}}", "invalid variable name 'A=B'"),
+        ("{run: \"cat <<'EOF'\\n${{ params.p }}\\nEOF\\n\"}", "quoted heredoc"),
+        ("{run: 'true', for_each: '${{ item }}'}", "not defined in `for_each` itself"),
+    ],
+)
+def test_more_node_errors(node: str, fragment: str) -> None:
+    issues = issues_of(f"name: g\nparams: {{p: {{default: x}}}}\nnodes:\n  a: {node}\n")
+    assert any(fragment in i.message for i in issues), issues
+    assert all(i.line == 4 for i in issues), issues
+
+
+def test_boolean_and_block_ifs_are_expressions() -> None:
+    graph = load_graph(
+        "name: g\nnodes:\n  a: {run: 'true', if: false}\n  b:\n    run: 'true'\n    if: |\n      ${{ true }}\n"
+    )
+    assert graph.nodes["a"].if_ is not None and graph.nodes["b"].if_ is not None
+
+
+def test_hyphenated_node_ids_get_a_hint() -> None:
+    issues = issues_of(
+        "name: g\nnodes:\n  build-app: {run: 'true'}\n  b: {needs: [build-app], run: 'echo ${{ nodes.build-app.status }}'}\n"
+    )
+    assert any("nodes['build-app']" in i.message for i in issues)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("name: g\nnodes:\n  a:\n    run: >\n      echo one\n\n      echo ${{ params. }}\n", 7),
+        ('name: g\nnodes:\n  a:\n    run: "echo one\n      two ${{ nope }}"\n', 5),
+    ],
+)
+def test_lines_are_right_in_folded_and_quoted_scalars(text: str, line: int) -> None:
+    issue = one_issue(text)
+    assert issue.line == line
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "name: g\nnodes: {!!python/name:os.system a: {run: echo}}\n",
+        "name: g\nnodes: {!!int abc: {run: echo}}\n",
+        "name: g\nconcurrency: " + "9" * 5000 + "\nnodes: {a: {run: 'true'}}\n",
+        "name: g\nx: " + "[" * 5000 + "]" * 5000 + "\n",
+        "name: g\nnodes: {a: {run: 'echo ${{ " + "(" * 3000 + "1" + ")" * 3000 + " }}'}}\n",
+    ],
+)
+def test_hostile_documents_give_spec_errors(text: str) -> None:
+    assert issues_of(text)

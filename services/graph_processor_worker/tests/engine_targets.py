@@ -22,3 +22,7 @@ def long_line(size: int) -> int:
 def sleep(seconds: float) -> float:
     time.sleep(seconds)
     return seconds
+
+
+def fail_with(message: str) -> None:
+    raise ValueError(message)

@@ -486,3 +486,92 @@ async def test_breaking_off_iteration_cancels_the_execution(tmp_path: Path) -> N
                     break
     assert execution.status == "cancelled"
     assert execution.records["a"].status == "cancelled"
+
+
+async def test_an_if_without_a_status_function_implies_success() -> None:
+    execution, _ = await run(
+        """
+        name: g
+        params: {go: {type: boolean, default: true}}
+        nodes:
+          a: {run: exit 1}
+          deploy: {needs: [a], if: "${{ params.go }}", run: 'true'}
+          off: {run: 'true', if: false}
+          on: {run: 'true', if: true}
+        """
+    )
+    assert statuses(execution)["deploy"] == "skipped"
+    assert statuses(execution)["off"] == "skipped"
+    assert statuses(execution)["on"] == "succeeded"
+
+
+async def test_failure_looks_at_every_ancestor() -> None:
+    execution, _ = await run(
+        """
+        name: g
+        nodes:
+          build: {run: exit 1}
+          deploy: {needs: [build], run: 'true'}
+          alert: {needs: [deploy], if: failure(), run: 'true'}
+        """
+    )
+    assert statuses(execution) == {"build": "failed", "deploy": "skipped", "alert": "succeeded"}
+
+
+async def test_secrets_are_masked_in_errors_and_outputs_too() -> None:
+    pem = "-----BEGIN KEY-----\nAAAAsecretline1\nBBBBsecretline2\n-----END KEY-----"
+    execution, events = await run(
+        """
+        name: g
+        nodes:
+          a:
+            run: |
+              echo "o=${{ secrets.T }}" >> "$LOOM_OUTPUT"
+              printf '%s\\n' "${{ secrets.PEM }}"
+          p: {python: 'engine_targets:fail_with', with: {message: "bad token ${{ secrets.T }}"}}
+        """,
+        secrets={"T": "hunter2-s3cret", "PEM": pem},
+    )
+    node_events = [e for e in events if isinstance(e, NodeEvent)]
+    assert "hunter2-s3cret" not in repr(node_events)
+    assert "hunter2-s3cret" not in repr(execution.records)
+    assert not any("secretline" in line for line in logs(events))
+    assert execution.records["p"].error == "ValueError: bad token ***"
+
+
+async def test_instance_names_that_look_alike_do_not_collide() -> None:
+    execution, _ = await run(
+        "name: g\nnodes:\n  a: {for_each: [1], run: 'echo a'}\n  a_0_: {run: 'echo other'}\n"
+    )
+    assert execution.status == "succeeded"
+
+
+async def test_env_values_read_as_in_run_scripts() -> None:
+    _, events = await run(
+        """
+        name: g
+        params:
+          flag: {type: boolean, default: false}
+          l: {type: array, default: [a, b]}
+        env: {F: "${{ params.flag }}", L: "${{ params.l }}"}
+        nodes:
+          a: {run: 'echo "$F $L"'}
+        """
+    )
+    assert logs(events, "a") == ['false ["a","b"]']
+
+
+async def test_execution_timeout_reports_every_fan_out_instance_in_order() -> None:
+    execution, events = await run(
+        """
+        name: g
+        timeout: 1s
+        nodes:
+          f: {for_each: [1, 2, 3], max_parallel: 1, run: 'sleep 30'}
+        """
+    )
+    assert execution.status == "timed_out"
+    node_events = [e for e in events if isinstance(e, NodeEvent) and e.status != "running"]
+    assert [e.node for e in node_events] == ["f[0]", "f[1]", "f[2]", "f"]
+    assert node_events[-1].fanout
+    assert "1s elapsed" in (execution.error or "")

@@ -23,6 +23,7 @@ from loom_common.errors import (
     SpecIssue,
 )
 from loom_common.expressions import (
+    STATUS_FUNCTIONS,
     Expr,
     Template,
     compile_template,
@@ -41,6 +42,7 @@ from loom_common.spec import GraphSpec, NodeSpec, ParamSpec
 __all__ = [
     "CHANNEL_OF",
     "MESSAGE_TYPES",
+    "STATUS_FUNCTIONS",
     "CompiledNode",
     "CronError",
     "CronExpression",

@@ -32,12 +32,20 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from loom_common.errors import ExpressionError
 
 __all__ = [
+    "DOUBLE",
+    "HEREDOC",
+    "NORMAL",
+    "QUOTED_HEREDOC",
+    "SINGLE",
     "STATUS_FUNCTIONS",
+    "ShellScanner",
     "Expr",
     "Template",
     "compile_template",
     "compile_value",
     "has_templates",
+    "iter_exprs",
+    "quoted_heredoc_message",
     "render_shell",
     "render_value",
     "to_text",
@@ -111,6 +119,8 @@ class Expr:
     """Top-level names it reads (`params`, `nodes`, `success`, ...)."""
     node_refs: frozenset[str]
     """Node ids it reads through `nodes.<id>` or `nodes['<id>']`."""
+    calls: frozenset[str]
+    """Names it calls as functions (`success` in `success()`)."""
     _fn: Callable[..., Any]
 
     def evaluate(self, context: Mapping[str, Any]) -> Any:
@@ -166,10 +176,15 @@ def _compile_expr(source: str, offset: int) -> Expr:
     try:
         tree = Parser(_ENV, body, state="variable").parse_expression()
         fn = _ENV.compile_expression(body, undefined_to_none=False)
+        every = [tree, *tree.find_all(nodes.Node)]  # find_all skips the root itself
     except TemplateSyntaxError as exc:
         raise _syntax(f"invalid expression ${{{{ {body} }}}}: {exc.message}", offset) from None
-    every = [tree, *tree.find_all(nodes.Node)]  # find_all skips the root itself
+    except RecursionError:
+        raise _syntax("the expression is nested too deeply", offset) from None
     names = frozenset(n.name for n in every if isinstance(n, nodes.Name) and n.ctx == "load")
+    calls = frozenset(
+        n.node.name for n in every if isinstance(n, nodes.Call) and isinstance(n.node, nodes.Name)
+    )
     refs: set[str] = set()
     for node in every:
         if not isinstance(node, nodes.Getattr | nodes.Getitem):
@@ -183,7 +198,7 @@ def _compile_expr(source: str, offset: int) -> Expr:
             refs.add(node.arg.value)
         else:
             raise _syntax("a node must be named literally: nodes.<id> or nodes['<id>']", offset)
-    return Expr(body, raw, offset, names, frozenset(refs), fn)
+    return Expr(body, raw, offset, names, frozenset(refs), calls, fn)
 
 
 def _syntax(message: str, offset: int) -> ExpressionError:
@@ -256,62 +271,128 @@ def render_shell(
 ) -> tuple[str, dict[str, str]]:
     """Render a `run` script so that no value can become shell code.
 
-    Each expression becomes `${LOOM_X_<n>}` (quoted to suit where it stands) and its value
-    goes into the returned environment; `| raw` expressions paste their text.
+    Each expression becomes `${LOOM_X_<n>}`, quoted to suit where it stands, and its value
+    goes into the returned environment; `| raw` expressions paste their text. Raises
+    `ExpressionError` for an expression inside a quoted heredoc (`<<'EOF'`), where no
+    reference expands and pasting the text could end the heredoc early.
     """
     if isinstance(script, str):
         return script, {}
     out: list[str] = []
     env: dict[str, str] = {}
-    state = _NORMAL
+    scanner = ShellScanner()
     for part in script.parts:
         if isinstance(part, str):
             out.append(part)
-            state = _scan_shell(part, state)
+            scanner.feed(part)
             continue
         value = to_text(part.evaluate(context))
         if part.raw:
             out.append(value)
-            state = _scan_shell(value, state)
+            scanner.feed(value)
             continue
+        where = scanner.expression()
+        if where == QUOTED_HEREDOC:
+            raise ExpressionError(quoted_heredoc_message(part))
         name = f"{prefix}{len(env) + 1}"
         env[name] = value
-        if state == _DOUBLE:
+        if where in (DOUBLE, HEREDOC):
             out.append(f"${{{name}}}")
-        elif state == _SINGLE:
+        elif where == SINGLE:
             out.append(f"'\"${{{name}}}\"'")
         else:
             out.append(f'"${{{name}}}"')
     return "".join(out), env
 
 
-_NORMAL, _SINGLE, _DOUBLE = 0, 1, 2
+def quoted_heredoc_message(expr: Expr) -> str:
+    return (
+        f"${{{{ {expr.source} }}}} stands inside a quoted heredoc (<<'EOF'), where the shell "
+        "expands nothing: use an unquoted one (<<EOF), or | raw if you mean the text itself"
+    )
 
 
-def _scan_shell(text: str, state: int) -> int:
-    """The quoting state after `text`, starting in `state` (enough of POSIX sh quoting to
-    know whether a substitution point is inside single quotes, double quotes or neither)."""
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if state == _SINGLE:
-            if c == "'":
-                state = _NORMAL
-        elif state == _DOUBLE:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                state = _NORMAL
-        else:
-            if c == "\\":
-                i += 1
+NORMAL, SINGLE, DOUBLE, HEREDOC, QUOTED_HEREDOC = range(5)
+
+_HEREDOC_OP = re.compile(r"<<(-?)[ \t]*(?:'([^'\n]*)'|\"([^\"\n]*)\"|(\\?)([A-Za-z0-9_.-]+))")
+
+
+class ShellScanner:
+    """Enough of POSIX sh lexing to know where a substitution point stands: outside
+    quotes, in single or double quotes, or in a heredoc body (quoted or not)."""
+
+    def __init__(self) -> None:
+        self.state = NORMAL
+        self._pending: list[tuple[str, bool, bool]] = []
+        self._heredoc: tuple[str, bool, bool] | None = None
+        self._line: list[str] = []
+        self._line_has_expr = False
+        self._escape = False
+
+    def expression(self) -> int:
+        """Where an expression at the current point stands."""
+        self._line_has_expr = True
+        self._escape = False
+        if self._heredoc is not None:
+            return QUOTED_HEREDOC if self._heredoc[1] else HEREDOC
+        return self.state
+
+    def feed(self, text: str) -> None:
+        i, n = 0, len(text)
+        while i < n:
+            c = text[i]
+            if self._heredoc is not None:
+                self._heredoc_char(c)
+            elif self._escape:
+                self._escape = False
+                if c == "\n":
+                    self._newline()
+            elif self.state == SINGLE:
+                if c == "'":
+                    self.state = NORMAL
+            elif self.state == DOUBLE:
+                if c == "\\":
+                    self._escape = True
+                elif c == '"':
+                    self.state = NORMAL
+            elif c == "\\":
+                self._escape = True
             elif c == "'":
-                state = _SINGLE
+                self.state = SINGLE
             elif c == '"':
-                state = _DOUBLE
-            elif c == "#" and (i == 0 or text[i - 1] in " \t\n;"):
-                nl = text.find("\n", i)
-                i = n if nl < 0 else nl
+                self.state = DOUBLE
+            elif c == "\n":
+                self._newline()
+            elif c == "#" and (i == 0 or text[i - 1] in " \t\n;&|"):
+                end = text.find("\n", i)
+                i = n if end < 0 else end
                 continue
-        i += 1
-    return state
+            elif c == "<" and text.startswith("<<", i) and not text.startswith("<<<", i):
+                match = _HEREDOC_OP.match(text, i)
+                if match:
+                    strip, single, double, backslash, bare = match.groups()
+                    quoted = single is not None or double is not None or bool(backslash)
+                    word = single if single is not None else double if double is not None else bare
+                    self._pending.append((word, quoted, strip == "-"))
+                    i = match.end()
+                    continue
+            i += 1
+
+    def _newline(self) -> None:
+        if self._pending and self.state == NORMAL:
+            self._heredoc = self._pending.pop(0)
+            self._line, self._line_has_expr = [], False
+
+    def _heredoc_char(self, c: str) -> None:
+        assert self._heredoc is not None
+        if c != "\n":
+            self._line.append(c)
+            return
+        word, _, strip = self._heredoc
+        line = "".join(self._line)
+        if strip:
+            line = line.lstrip("\t")
+        self._line, ended = [], line == word and not self._line_has_expr
+        self._line_has_expr = False
+        if ended:
+            self._heredoc = self._pending.pop(0) if self._pending else None

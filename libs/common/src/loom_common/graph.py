@@ -27,16 +27,20 @@ from pydantic import ValidationError
 from loom_common import cron
 from loom_common.errors import CronError, ExpressionError, SpecError, SpecIssue
 from loom_common.expressions import (
+    QUOTED_HEREDOC,
     STATUS_FUNCTIONS,
     Compiled,
     Expr,
+    ShellScanner,
     Template,
     compile_template,
     iter_exprs,
+    quoted_heredoc_message,
 )
 from loom_common.params import check_param_value
 from loom_common.source import Document, Path, format_path, load_document
 from loom_common.spec import (
+    ENV_NAME_PATTERN,
     GRAPH_NAME_PATTERN,
     NODE_ID_PATTERN,
     PYTHON_TARGET_PATTERN,
@@ -181,7 +185,9 @@ def spec_issues_from_validation(exc: ValidationError, doc: Document) -> list[Spe
         kind = error["type"]
         if loc and loc[-1] == "[key]":
             path = _data_path(loc[:-1])
-            what = {"nodes": "node id", "params": "param name"}.get(str(path[0]), "key")
+            what = {"nodes": "node id", "params": "param name", "env": "variable name"}.get(
+                str(path[-2]) if len(path) > 1 else "", "key"
+            )
             message = f"invalid {what} '{path[-1]}': {_clean(error['msg'])}"
         elif kind == "extra_forbidden":
             path = _data_path(loc)
@@ -203,6 +209,8 @@ def spec_issues_from_validation(exc: ValidationError, doc: Document) -> list[Spe
 
 
 _PATTERN_MEANINGS = {
+    ENV_NAME_PATTERN: "must be letters, digits and '_', not starting with a digit "
+    f"({ENV_NAME_PATTERN})",
     PYTHON_TARGET_PATTERN: "must be module:function, like deploy_tools.release:main",
     GRAPH_NAME_PATTERN: "must be lower-case letters, digits and '-', at most 63, "
     f"starting with a letter or digit ({GRAPH_NAME_PATTERN})",
@@ -358,12 +366,9 @@ class _Checker:
 
         if_: Template | None = None
         if node.if_ is not None:
-            text = node.if_ if "${{" in node.if_ else "${{ " + node.if_ + " }}"
-            compiled = template(("if",), text, names | STATUS_FUNCTIONS)
-            if isinstance(compiled, Template):
-                if_ = compiled
-            elif compiled is not None:
-                self.issue((*base, "if"), "`if` must be an expression like ${{ success() }}")
+            if_ = self._condition(
+                (*base, "if"), node.if_, names | STATUS_FUNCTIONS, upstream=upstream, node=node_id
+            )
         for_each: Compiled | None = None
         if isinstance(node.for_each, str):
             for_each = template(("for_each",), node.for_each, _NODE_CONTEXT)
@@ -375,6 +380,8 @@ class _Checker:
         kind = node.kind
         if kind == "run":
             body = template(("run",), node.run)
+            if isinstance(body, Template):
+                self._check_shell_positions((*base, "run"), node.run or "", body)
         elif kind == "http":
             assert node.http is not None
             http = node.http.model_dump(by_alias=True, exclude_none=True)
@@ -412,6 +419,43 @@ class _Checker:
 
     # templates ---------------------------------------------------------------------
 
+    def _check_shell_positions(self, path: Path, text: str, script: Template) -> None:
+        """Expressions in a quoted heredoc cannot be substituted safely (see render_shell).
+        `| raw` values are unknown here and taken as plain text."""
+        scanner = ShellScanner()
+        for part in script.parts:
+            if isinstance(part, str):
+                scanner.feed(part)
+            elif not part.raw and scanner.expression() == QUOTED_HEREDOC:
+                line = self.doc.template_line(path, text.count("${{", 0, part.offset))
+                self.issue(path, quoted_heredoc_message(part), line)
+
+    def _condition(
+        self,
+        path: Path,
+        raw: str,
+        allowed: frozenset[str],
+        *,
+        upstream: frozenset[str] | None = None,
+        node: str | None = None,
+    ) -> Template | None:
+        """An `if`: one expression (`${{ }}` optional), nothing around it; status
+        functions must be called."""
+        stripped = raw.strip()
+        text = stripped if "${{" in stripped else "${{ " + stripped + " }}"
+        compiled = self._template(path, text, allowed, upstream=upstream, node=node)
+        if compiled is None:
+            return None
+        if not isinstance(compiled, Template) or len(compiled.parts) != 1:
+            self.issue(
+                path, "`if` takes one expression, like ${{ success() }}, with nothing around it"
+            )
+            return None
+        expr = compiled.exprs[0]
+        for name in sorted((expr.names & STATUS_FUNCTIONS) - expr.calls):
+            self.issue(path, f"{name} is a function: write {name}()")
+        return compiled
+
     def _template(
         self,
         path: Path,
@@ -438,7 +482,7 @@ class _Checker:
             compiled = compile_template(value)
         except ExpressionError as exc:
             offset = getattr(exc, "offset", 0)
-            self.issue(path, str(exc), self.doc.text_line(path, value.count("\n", 0, offset)))
+            self.issue(path, str(exc), self.doc.template_line(path, value.count("${{", 0, offset)))
             return None
         for expr in iter_exprs(compiled):
             self._check_names(path, value, expr, allowed, upstream, node)
@@ -453,10 +497,12 @@ class _Checker:
         upstream: frozenset[str] | None,
         node: str | None,
     ) -> None:
-        line = self.doc.text_line(path, text.count("\n", 0, expr.offset))
+        line = self.doc.template_line(path, text.count("${{", 0, expr.offset))
         for name in sorted(expr.names - allowed):
             if name in STATUS_FUNCTIONS:
                 message = f"{name}() can only be used in a node's `if`"
+            elif name in _FANOUT_NAMES and path[-1] == "for_each":
+                message = f"'{name}' is not defined in `for_each` itself: it is what it produces"
             elif name in _FANOUT_NAMES and "nodes" in allowed:
                 message = f"'{name}' is only defined in a node with `for_each`"
             else:
@@ -470,6 +516,9 @@ class _Checker:
         for ref in sorted(expr.node_refs):
             if ref not in self.spec.nodes:
                 message = f"unknown node '{ref}'{_did_you_mean(ref, list(self.spec.nodes))}"
+                hyphenated = [n for n in self.spec.nodes if n.startswith(ref + "-")]
+                if hyphenated:
+                    message += f"; a hyphenated id is written nodes['{hyphenated[0]}']"
             elif ref == node:
                 message = f"a node cannot read its own status or outputs ('{ref}')"
             elif ref not in upstream:
@@ -510,8 +559,7 @@ class _Checker:
             hook = trigger.webhook
             hpath: Path = (*path, "webhook")
             if hook.if_ is not None:
-                text = hook.if_ if "${{" in hook.if_ else "${{ " + hook.if_ + " }}"
-                self._template((*hpath, "if"), text, _WEBHOOK_CONTEXT)
+                self._condition((*hpath, "if"), hook.if_, _WEBHOOK_CONTEXT)
             self._trigger_params((*hpath, "params"), hook.params, _WEBHOOK_CONTEXT)
             return "webhook", hook.name, None
         self._trigger_params((*path, "params"), trigger.params, _TIMER_CONTEXT)

@@ -77,7 +77,10 @@ def resolve_params(declared: Mapping[str, ParamSpec], given: Mapping[str, Any]) 
 
 
 def parse_param_text(spec: ParamSpec | None, text: str) -> Any:
-    """Read a command-line value by the declared type; `ValueError` says what was expected."""
+    """Read a command-line value by the declared type; `ValueError` says what was expected.
+
+    Arrays are JSON (`["eu","us"]`) or comma-separated text (`eu,us`); objects are JSON.
+    """
     kind = spec.type if spec is not None else "string"
     if kind == "string":
         return text
@@ -99,12 +102,12 @@ def parse_param_text(spec: ParamSpec | None, text: str) -> Any:
         except ValueError:
             raise ValueError(f"expected number, got {text!r}") from None
         return int(number) if number.is_integer() and "." not in text else number
+    if kind == "array" and not text.lstrip().startswith("["):
+        return [item.strip() for item in text.split(",") if item.strip()]
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
-        if kind == "array":
-            return [item.strip() for item in text.split(",") if item.strip()]
-        raise ValueError(f"expected a JSON object, got {text!r}") from None
+        raise ValueError(f"expected {kind} (JSON), got {text!r}") from None
     expected = list if kind == "array" else dict
     if not isinstance(value, expected):
         raise ValueError(f"expected {kind} (JSON), got {text!r}")

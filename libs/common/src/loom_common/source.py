@@ -51,8 +51,9 @@ class Document:
 
     data: Any
     lines: dict[Path, int] = field(default_factory=dict)
-    block_scalars: set[Path] = field(default_factory=set)
-    """Paths of `|` and `>` scalars, whose text starts on the line after the key."""
+    spans: dict[Path, tuple[int, int, int]] = field(default_factory=dict)
+    """For each scalar: its first and past-last character index in `text`, and its line."""
+    text: str = ""
 
     def line_of(self, path: Path) -> int | None:
         """The line of `path`, or of its nearest ancestor that has one."""
@@ -62,12 +63,19 @@ class Document:
                 return line
         return None
 
-    def text_line(self, path: Path, offset_lines: int) -> int | None:
-        """The line of the `offset_lines`-th line inside the scalar at `path`."""
-        line = self.lines.get(path)
-        if line is None:
+    def template_line(self, path: Path, occurrence: int) -> int | None:
+        """The line of the `occurrence`-th `${{` (0-based) inside the scalar at `path`,
+        found in the raw text, so it is right for block, folded and quoted scalars alike."""
+        span = self.spans.get(path)
+        if span is None:
             return self.line_of(path)
-        return line + offset_lines + (1 if path in self.block_scalars else 0)
+        start, end, line = span
+        pos = start - 1
+        for _ in range(occurrence + 1):
+            pos = self.text.find("${{", pos + 1, end)
+            if pos < 0:
+                return line
+        return line + self.text.count("\n", start, pos)
 
 
 def format_path(path: Path) -> str:
@@ -101,19 +109,24 @@ def load_document(text: str | bytes) -> Document:
         raise SpecError([SpecIssue("", f"invalid YAML: {problem}", line)]) from None
     except yaml.YAMLError as exc:
         raise SpecError([SpecIssue("", f"invalid YAML: {exc}")]) from None
+    except RecursionError:
+        raise SpecError([SpecIssue("", "the document is nested too deeply")]) from None
     if root is None:
         raise SpecError([SpecIssue("", "the document is empty")])
     builder = _Builder()
-    data = builder.build(root, ())
+    try:
+        data = builder.build(root, ())
+    except RecursionError:
+        raise SpecError([SpecIssue("", "the document is nested too deeply")]) from None
     if builder.issues:
         raise SpecError(builder.issues)
-    return Document(data, builder.lines, builder.block_scalars)
+    return Document(data, builder.lines, builder.spans, text)
 
 
 class _Builder:
     def __init__(self) -> None:
         self.lines: dict[Path, int] = {}
-        self.block_scalars: set[Path] = set()
+        self.spans: dict[Path, tuple[int, int, int]] = {}
         self.issues: list[SpecIssue] = []
         self._count = 0
         self._active: set[int] = set()
@@ -127,13 +140,15 @@ class _Builder:
             )
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.ScalarNode):
-            if node.style in ("|", ">"):
-                self.block_scalars.add(path)
+            mark = node.start_mark
+            self.spans[path] = (mark.index, node.end_mark.index, mark.line + 1)
             try:
                 return self._constructor.construct_object(node, deep=True)
             except yaml.YAMLError as exc:
                 self._issue(path, f"invalid value: {getattr(exc, 'problem', exc)}", node)
-                return None
+            except ValueError as exc:  # `!!int abc`, an integer of 5,000 digits
+                self._issue(path, f"invalid value: {exc}", node)
+            return None
         if id(node) in self._active:
             self._issue(path, "a recursive alias is not allowed", node)
             return None
@@ -157,8 +172,12 @@ class _Builder:
             if not isinstance(key_node, yaml.ScalarNode):
                 self._issue(path, "a mapping key must be a plain string", key_node)
                 continue
-            key = self._constructor.construct_object(key_node)
-            if isinstance(key, bool) or key is None or isinstance(key, float):
+            try:
+                key = self._constructor.construct_object(key_node)
+            except (yaml.YAMLError, ValueError) as exc:
+                self._issue(path, f"invalid key: {getattr(exc, 'problem', exc)}", key_node)
+                continue
+            if not isinstance(key, str | int):
                 key = key_node.value
             key = str(key)
             line = key_node.start_mark.line + 1

@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -80,8 +81,28 @@ def _scalar_to_text(value: object) -> object:
     return value
 
 
+ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 EnvValue = Annotated[str, BeforeValidator(_scalar_to_text)]
-Env = dict[str, EnvValue]
+Env = dict[Annotated[str, Field(pattern=ENV_NAME_PATTERN)], EnvValue]
+
+
+def _condition_text(value: object) -> object:
+    """`if: false` switches a node off; booleans are accepted as expressions."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+Condition = Annotated[str, BeforeValidator(_condition_text)]
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value.total_seconds() <= 0:
+        raise ValueError("a timeout must be longer than 0s")
+    return value
+
+
+Timeout = Annotated[Duration, AfterValidator(_positive)]
 
 
 def _to_list(value: object) -> object:
@@ -89,7 +110,8 @@ def _to_list(value: object) -> object:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # strict: `retries: "3"` or `continue_on_failure: "yes"` are errors, not guesses.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
 
 ParamType = Literal["string", "integer", "number", "boolean", "array", "object"]
@@ -110,7 +132,7 @@ class ParamSpec(_Model):
 
 
 class NodeDefaults(_Model):
-    timeout: Duration | None = None
+    timeout: Timeout | None = None
     retries: int | None = Field(default=None, ge=0, le=100)
     retry_delay: Duration | None = None
     retry_max_delay: Duration | None = None
@@ -149,7 +171,7 @@ class WebhookSpec(_Model):
     auth: Literal["github", "gitlab", "standard", "token", "none"]
     secret: str | None = Field(default=None, description="the name of a stored secret")
     events: list[str] | None = None
-    if_: str | None = Field(default=None, alias="if")
+    if_: Condition | None = Field(default=None, alias="if")
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -200,7 +222,7 @@ class HttpSpec(_Model):
     expect: Annotated[list[int], BeforeValidator(lambda v: [v] if isinstance(v, int) else v)] = (
         Field(default_factory=list, description="accepted status codes; default: any 2xx")
     )
-    timeout: Duration | None = None
+    timeout: Timeout | None = None
 
     @field_validator("method", mode="before")
     @classmethod
@@ -227,10 +249,10 @@ class NodeSpec(_Model):
     sql: SqlSpec | None = None
     graph: str | None = Field(default=None, pattern=GRAPH_NAME_PATTERN)
     needs: Annotated[list[str], BeforeValidator(_to_list)] = Field(default_factory=list)
-    if_: str | None = Field(default=None, alias="if")
+    if_: Condition | None = Field(default=None, alias="if")
     env: Env = Field(default_factory=dict)
     shell: Literal["bash", "sh"] | None = None
-    timeout: Duration | None = None
+    timeout: Timeout | None = None
     retries: int | None = Field(default=None, ge=0, le=100)
     retry_delay: Duration | None = None
     retry_max_delay: Duration | None = None
@@ -268,6 +290,7 @@ class GraphSpec(_Model):
         extra="forbid",
         populate_by_name=True,
         frozen=True,
+        strict=True,
         title="Loom graph",
         json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
     )
@@ -279,7 +302,7 @@ class GraphSpec(_Model):
     )
     env: Env = Field(default_factory=dict)
     defaults: NodeDefaults = Field(default_factory=NodeDefaults)
-    timeout: Duration | None = None
+    timeout: Timeout | None = None
     concurrency: int | None = Field(default=None, ge=1)
     on_overlap: Literal["queue", "skip", "cancel_running"] = "queue"
     triggers: list[Trigger] = Field(default_factory=list)

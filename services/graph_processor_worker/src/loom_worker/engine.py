@@ -33,12 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from loom_common import (
+    STATUS_FUNCTIONS,
     CompiledNode,
     ExpressionError,
     Graph,
     bind_log_context,
+    format_duration,
     render_shell,
     render_value,
+    to_text,
 )
 from loom_worker.events import (
     NODE_TERMINAL,
@@ -287,7 +290,8 @@ class Execution:
                 await self._schedule()
         except TimeoutError:
             self._timed_out = True
-            self.error = f"the execution's timeout of {graph.spec.timeout} elapsed"
+            assert graph.spec.timeout is not None
+            self.error = f"the execution's timeout of {format_duration(graph.spec.timeout)} elapsed"
             await self._stop_nodes()
         except ExpressionError as exc:
             self.error = f"graph env: {exc}"
@@ -335,7 +339,7 @@ class Execution:
                 "delivery_id": trigger.get("delivery_id"),
             },
         }
-        env = {k: str(render_value(v, self._base_context)) for k, v in self.graph.env.items()}
+        env = {k: to_text(render_value(v, self._base_context)) for k, v in self.graph.env.items()}
         self._env_values = env
         self._base_context["env"] = env
 
@@ -410,22 +414,25 @@ class Execution:
         return context
 
     def _status_functions(self, node: CompiledNode) -> dict[str, Any]:
+        """GitHub Actions' status functions: `success()` looks at the needs (a skip
+        propagates through them), `failure()` and `cancelled()` at every ancestor."""
         needs = [
             (self._states[n].status, self.graph.nodes[n].spec.continue_on_failure)
             for n in node.needs
         ]
+        ancestors = [self._states[n].status for n in self.graph.ancestors[node.id]]
 
         def success() -> bool:
             return all(s == "succeeded" or (s in _FAILED and cof) for s, cof in needs)
 
         def failure() -> bool:
-            return any(s in _FAILED for s, _ in needs)
+            return any(s in _FAILED for s in ancestors)
 
         def always() -> bool:
             return True
 
         def cancelled() -> bool:
-            return self._cancel_requested or any(s == "cancelled" for s, _ in needs)
+            return self._cancel_requested or any(s == "cancelled" for s in ancestors)
 
         return {"success": success, "failure": failure, "always": always, "cancelled": cancelled}
 
@@ -443,8 +450,13 @@ class Execution:
             if node.if_ is None:
                 run = functions["success"]()
             else:
+                # As in GitHub Actions, an `if` without a status function means
+                # `success() && (if)`.
+                implicit = not (node.if_.exprs[0].names & STATUS_FUNCTIONS)
                 try:
-                    run = bool(node.if_.render({**self._context(node), **functions}))
+                    run = (not implicit or functions["success"]()) and bool(
+                        node.if_.render({**self._context(node), **functions})
+                    )
                 except ExpressionError as exc:
                     self._note(node.id, f"`if` failed: {exc}")
                     self._node_event(node, node.id, None, "failed", 0, error=f"`if`: {exc}")
@@ -463,6 +475,12 @@ class Execution:
             if self._states[node.id].status == "pending":
                 self._node_event(node, node.id, None, "cancelled", 0)
                 self._finish_node(node, "cancelled", None)
+        except Exception as exc:  # never leave a node pending: the execution would hang
+            _log.exception("node failed unexpectedly")
+            if self._states[node.id].status == "pending":
+                error = f"internal error: {type(exc).__name__}: {exc}"
+                self._node_event(node, node.id, None, "failed", 0, error=error)
+                self._finish_node(node, "failed", None)
 
     async def _run_fanout(self, node: CompiledNode) -> None:
         try:
@@ -485,9 +503,29 @@ class Execution:
             async with limit:
                 return await self._run_instance(node, f"{node.id}[{index}]", index, item)
 
-        results = await asyncio.gather(*(one(i, item) for i, item in enumerate(items)))
+        tasks = [asyncio.create_task(one(i, item)) for i, item in enumerate(items)]
+        try:
+            if tasks:
+                await asyncio.wait(tasks)
+        except asyncio.CancelledError:
+            # Let every instance end and say so before the fan-out as a whole does.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        results: list[tuple[NodeStatus, Any]] = []
+        for index, task in enumerate(tasks):
+            if task.cancelled() or task.exception() is not None:
+                instance = f"{node.id}[{index}]"
+                if self.records.get(instance) is None or self.records[instance].status in (
+                    "pending",
+                    "running",
+                ):
+                    status: NodeStatus = "timed_out" if self._timed_out else "cancelled"
+                    self._node_event(node, instance, index, status, 0)
+                results.append(("cancelled", None))
+            else:
+                results.append(task.result())
         statuses = [status for status, _ in results]
-        status: NodeStatus
         if all(s == "succeeded" for s in statuses):
             status = "succeeded"
         elif any(s in _FAILED for s in statuses):
@@ -516,7 +554,8 @@ class Execution:
                 )
                 return prior.status, prior.outputs
             attempt = prior.attempt
-        tries = node.retries + 1
+        # A resumed node keeps the tries it had left, and always gets at least one.
+        tries = max(1, node.retries + 1 - attempt)
         for try_number in range(1, tries + 1):
             attempt += 1
             status, outputs, exit_code, error, retryable = await self._attempt(
@@ -585,6 +624,11 @@ class Execution:
                 if self._timed_out:
                     return "timed_out", None, None, "the execution timed out", False
                 return "cancelled", None, None, "cancelled", False
+            except Exception as exc:  # a bug or an unexpected OS error: fail, never hang
+                _log.exception("node attempt failed unexpectedly")
+                error = f"internal error: {type(exc).__name__}: {exc}"
+                self._note(instance, error)
+                return "failed", None, None, error, False
             return "succeeded", result.outputs, result.exit_code, None, False
         finally:
             if takes_slot:
@@ -600,7 +644,7 @@ class Execution:
         if not node.env:
             return self._env_values
         rendered = render_value(node.env, self._context(node, item, index))
-        return {**self._env_values, **{k: str(v) for k, v in rendered.items()}}
+        return {**self._env_values, **{k: to_text(v) for k, v in rendered.items()}}
 
     async def _execute(
         self, node: CompiledNode, call: NodeCall, item: Any, index: int | None, log: Any
@@ -630,9 +674,9 @@ class Execution:
             if root is not None:
                 root.mkdir(parents=True, exist_ok=True)
             self._workspace = Path(tempfile.mkdtemp(prefix=f"loom-{self.id[:8]}-", dir=root))
-        path = self._workspace / f"{re.sub(r'[^A-Za-z0-9_-]', '_', instance)}-{attempt}"
-        path.mkdir()
-        return path
+        # mkdtemp: `build[0]` and `build_0_` must not share a directory.
+        prefix = f"{re.sub(r'[^A-Za-z0-9_-]', '_', instance)}-{attempt}-"
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self._workspace))
 
     # --- events and logs --------------------------------------------------------------
 
@@ -651,6 +695,9 @@ class Execution:
         fanout: bool = False,
     ) -> None:
         ts = _now()
+        if self._mask.active:  # what is shown and stored never holds a secret
+            error = self._mask(error) if error else error
+            outputs = self._mask.value(outputs)
         record = self._record(instance, node.id, index)
         record.status, record.attempt, record.fanout = status, attempt, fanout
         if status == "running":
@@ -707,16 +754,36 @@ class Execution:
 
 
 class _Masker:
-    """Replaces every secret value with `***` (longest first, so overlaps mask fully)."""
+    """Replaces every secret value with `***` (longest first, so overlaps mask fully).
+    A multi-line secret (a PEM key) is also masked line by line, since logs are lines."""
 
     def __init__(self, values: Any) -> None:
-        secrets = sorted({v for v in values if isinstance(v, str) and v}, key=len, reverse=True)
+        pieces: set[str] = set()
+        for value in values:
+            if isinstance(value, str) and value:
+                pieces.add(value)
+                pieces.update(line.strip() for line in value.splitlines() if len(line.strip()) >= 4)
+        secrets = sorted(pieces, key=len, reverse=True)
         self._pattern = re.compile("|".join(re.escape(s) for s in secrets)) if secrets else None
+
+    @property
+    def active(self) -> bool:
+        return self._pattern is not None
 
     def __call__(self, text: str) -> str:
         if self._pattern is None:
             return text
         return self._pattern.sub("***", text)
+
+    def value(self, value: Any) -> Any:
+        """`value` with every string inside it masked."""
+        if isinstance(value, str):
+            return self(value)
+        if isinstance(value, dict):
+            return {k: self.value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.value(v) for v in value]
+        return value
 
 
 def _split_line(text: str) -> list[str]:
