@@ -393,13 +393,13 @@ async def test_python_nodes_return_results_downstream() -> None:
     assert logs(events, "q") == ['4 ["a","b"]']
 
 
-async def test_sql_and_graph_nodes_are_refused_with_a_clear_message() -> None:
+async def test_graph_nodes_are_refused_and_sql_needs_its_secret() -> None:
     execution, _ = await run(
         "name: g\nnodes:\n  s: {sql: {connection: DB, query: 'select 1'}}\n  c: {graph: other}\n"
     )
     assert execution.status == "failed"
-    assert "worker service" in (execution.records["s"].error or "")
-    assert execution.records["c"].status == "failed"
+    assert execution.records["s"].error == "secret 'DB' is not available"
+    assert "worker service" in (execution.records["c"].error or "")
 
 
 async def test_an_undefined_secret_fails_the_node_with_its_name() -> None:

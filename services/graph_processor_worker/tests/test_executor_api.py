@@ -16,6 +16,7 @@ def test_the_public_names_are_pinned() -> None:
         "NodeResult",
         "PythonPool",
         "ShellExecutor",
+        "SqlExecutor",
         "base_env",
     ]
     for name in executors.__all__:

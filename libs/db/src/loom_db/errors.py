@@ -6,7 +6,8 @@
      └── DatabaseError
           ├── DatabaseUnavailable     cannot reach the database (services answer 503)
           ├── NotFound (LookupError)  no such graph, execution, secret, ...
-          └── Conflict                the change contradicts what is stored (e.g. a name exists)
+          ├── Conflict                the change contradicts what is stored (e.g. a name exists)
+          └── SecretKeyMismatch       a stored secret does not decrypt with LOOM_SECRET_KEY
 
 Driver and SQLAlchemy errors are translated in ONE place, `translate_errors`.
 """
@@ -20,7 +21,14 @@ from sqlalchemy import exc as sa_exc
 
 from loom_common import LoomError
 
-__all__ = ["Conflict", "DatabaseError", "DatabaseUnavailable", "NotFound", "translate_errors"]
+__all__ = [
+    "Conflict",
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "NotFound",
+    "SecretKeyMismatch",
+    "translate_errors",
+]
 
 
 class DatabaseError(LoomError):
@@ -37,6 +45,11 @@ class NotFound(DatabaseError, LookupError):
 
 class Conflict(DatabaseError):
     """The change contradicts what is stored."""
+
+
+class SecretKeyMismatch(DatabaseError):
+    """A stored secret cannot be decrypted with any key of `LOOM_SECRET_KEY` (the key
+    changed without rotation, or the stored bytes were altered)."""
 
 
 @contextmanager

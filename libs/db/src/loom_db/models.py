@@ -156,6 +156,11 @@ class GraphVersion(SQLModel, table=True):
     spec: dict[str, Any] = Field(sa_column=Column(JsonValue, nullable=False))
     """The normalized spec (JSON)."""
     spec_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    triggers: list[dict[str, Any]] = Field(
+        default_factory=list, sa_column=Column(JsonValue, nullable=False)
+    )
+    """This version's trigger index entries, `[{id, kind, webhook_name, spec}]`: what
+    enabling the graph restores and what a graph shows, without re-validating its source."""
     created_at: datetime = _time()
     created_by: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
 

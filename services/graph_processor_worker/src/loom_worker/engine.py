@@ -53,7 +53,15 @@ from loom_worker.events import (
     NodeStatus,
     PriorNode,
 )
-from loom_worker.executors import HttpExecutor, NodeCall, NodeFailed, PythonPool, ShellExecutor
+from loom_worker.executors import (
+    HttpExecutor,
+    NodeCall,
+    NodeFailed,
+    PythonPool,
+    ShellExecutor,
+    SqlExecutor,
+)
+from loom_worker.executors.sql import render_sql
 
 __all__ = ["Engine", "Execution", "NodeRecord"]
 
@@ -81,6 +89,7 @@ class Engine:
         shell: ShellExecutor | None = None,
         python: PythonPool | None = None,
         http: HttpExecutor | None = None,
+        sql: SqlExecutor | None = None,
         workspace: Path | None = None,
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
         python_path: tuple[str, ...] = (),
@@ -97,6 +106,7 @@ class Engine:
             http = HttpExecutor()
             self._owned.append(http)
         self.http = http
+        self.sql = sql or SqlExecutor()  # holds nothing between queries: nothing to close
         self._workspace = workspace
         self.max_log_bytes = max_log_bytes
 
@@ -662,6 +672,12 @@ class Execution:
         if node.kind == "http":
             spec = render_value(node.body, self._context(node, item, index))
             return await engine.http.request(spec, call=call, log=log)
+        if node.kind == "sql":
+            spec = render_sql(node.body, self._context(node, item, index))
+            dsn = self.secrets.get(spec["connection"])
+            if dsn is None:
+                raise NodeFailed(f"secret '{spec['connection']}' is not available", retryable=False)
+            return await engine.sql.query(spec, dsn=dsn, call=call, log=log)
         raise NodeFailed(
             f"`{node.kind}` nodes run in the worker service (loom serve worker), "
             "which has the database they need; `loom run` cannot run them",

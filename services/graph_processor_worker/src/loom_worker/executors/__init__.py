@@ -4,7 +4,9 @@
 * `PythonPool` — `python` nodes: `module:function` in Loom's own killable processes
   (`python.py`, the child side in `_pyhost.py`);
 * `HttpExecutor` — `http` nodes over one shared httpx client, with a `CircuitBreaker`
-  per host (`http.py`).
+  per host (`http.py`);
+* `SqlExecutor` — `sql` nodes: one parameterised statement against PostgreSQL, psycopg
+  loaded on first use (`sql.py`).
 
 The executors are imported on first use (PEP 562): a pool process starts as
 `python -m loom_worker.executors._pyhost`, which imports this package, and must not pay
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from .http import CircuitBreaker, HttpExecutor
     from .python import PythonPool
     from .run import ShellExecutor
+    from .sql import SqlExecutor
 
 __all__ = [
     "BASE_ENV_NAMES",
@@ -33,6 +36,7 @@ __all__ = [
     "NodeResult",
     "PythonPool",
     "ShellExecutor",
+    "SqlExecutor",
     "base_env",
 ]
 
@@ -41,6 +45,7 @@ _LAZY = {
     "HttpExecutor": "http",
     "PythonPool": "python",
     "ShellExecutor": "run",
+    "SqlExecutor": "sql",
 }
 
 

@@ -1,0 +1,125 @@
+"""Webhook deliveries: the outcome of every request to a hook, the last 1,000 per hook
+(DESIGN §6), for `GET /api/v1/graphs/{name}/deliveries`.
+
+The trim runs with each insert, in the same transaction: one DELETE of the rows older
+than the hook's `keep`-th newest, found through the `(graph, hook, id)` index (a bounded
+index scan of `keep` entries; usually it deletes one row). Bound: after a committed
+`record_delivery` a hook has at most `keep` rows, plus one per other `record_delivery`
+of the same hook that was in flight at the same moment on PostgreSQL (those cannot see
+each other's rows); SQLite has a single writer, so there exactly `keep`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from loom_db.models import webhook_deliveries as _deliveries
+from loom_db.pagination import check_limit, decode_cursor, encode_cursor
+from loom_db.types import utcnow
+
+__all__ = ["DELIVERIES_KEPT", "DeliveryRecord", "list_deliveries", "record_delivery"]
+
+DELIVERIES_KEPT = 1_000
+"""Deliveries kept per (graph, hook)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    id: int
+    graph: str
+    hook: str
+    delivery_id: str | None
+    received_at: datetime
+    status_code: int
+    outcome: str
+    """`accepted`, `duplicate`, `skipped`, `unauthorized`, `invalid`, ..."""
+    detail: str | None
+    execution_id: str | None
+
+
+async def record_delivery(
+    conn: AsyncConnection,
+    *,
+    graph: str,
+    hook: str,
+    delivery_id: str | None,
+    status_code: int,
+    outcome: str,
+    detail: str | None = None,
+    execution_id: str | None = None,
+    keep: int = DELIVERIES_KEPT,
+) -> int:
+    """Record a delivery's outcome and drop the hook's deliveries beyond the newest
+    `keep`; returns the new row's id."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
+    result = await conn.execute(
+        insert(_deliveries).values(
+            graph=graph,
+            hook=hook,
+            delivery_id=delivery_id,
+            received_at=utcnow(),
+            status_code=status_code,
+            outcome=outcome,
+            detail=detail,
+            execution_id=execution_id,
+        )
+    )
+    key = result.inserted_primary_key
+    assert key is not None
+    same_hook = (_deliveries.c.graph == graph, _deliveries.c.hook == hook)
+    # The id of the newest row that falls off; NULL (nothing deleted) while there are
+    # no more than `keep`.
+    threshold = (
+        select(_deliveries.c.id)
+        .where(*same_hook)
+        .order_by(_deliveries.c.id.desc())
+        .offset(keep)
+        .limit(1)
+        .scalar_subquery()
+    )
+    await conn.execute(delete(_deliveries).where(*same_hook, _deliveries.c.id <= threshold))
+    return int(key[0])
+
+
+async def list_deliveries(
+    conn: AsyncConnection,
+    graph: str,
+    *,
+    hook: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[DeliveryRecord], str | None]:
+    """A graph's deliveries (of one hook, or all), newest first, one page at a time:
+    `(items, next_cursor)`, `next_cursor` None on the last page. Raises `ValueError` for
+    a malformed cursor or a limit below 1."""
+    query = (
+        select(_deliveries)
+        .where(_deliveries.c.graph == graph)
+        .order_by(_deliveries.c.id.desc())
+        .limit(check_limit(limit) + 1)
+    )
+    if hook is not None:
+        query = query.where(_deliveries.c.hook == hook)
+    if cursor is not None:
+        query = query.where(_deliveries.c.id < decode_cursor(cursor, int)[0])
+    rows = (await conn.execute(query)).all()
+    items = [
+        DeliveryRecord(
+            id=row.id,
+            graph=row.graph,
+            hook=row.hook,
+            delivery_id=row.delivery_id,
+            received_at=row.received_at,
+            status_code=row.status_code,
+            outcome=row.outcome,
+            detail=row.detail,
+            execution_id=row.execution_id,
+        )
+        for row in rows[:limit]
+    ]
+    return items, (encode_cursor(items[-1].id) if len(rows) > limit else None)

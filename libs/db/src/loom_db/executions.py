@@ -1,0 +1,654 @@
+"""Executions: create (idempotent), read, list, lease, admit, finish, reap, cancel.
+
+Plain async functions over an `AsyncConnection` in the caller's transaction (SQLAlchemy
+Core). Those that write a work or control message put it in the outbox in that same
+transaction; the caller calls `Database.notify_committed()` after the commit.
+
+The lease (DESIGN §8): `worker_id` and `lease_expires_at`. A worker `claim`s with a
+compare-and-set, `admit`s (DESIGN §4), `renew`s every lease/3 and `finish`es. A row with
+NO worker but a `lease_expires_at` is a pending requeue: an `execution.requested` was
+written for it, and the reaper leaves it alone until that time has passed.
+
+Locks: operations that touch several executions of a graph (`admit`, `finish`,
+`request_cancel`) lock the graph's row first, then the execution's (`FOR UPDATE` on
+PostgreSQL, READ COMMITTED), always in that order so they cannot deadlock one another;
+SQLite has one writer at a time (`BEGIN IMMEDIATE`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
+from typing import Any, Final, Literal, get_args
+
+from sqlalchemy import Select, and_, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from loom_common import format_instant
+from loom_db.errors import Conflict, NotFound
+from loom_db.models import executions, graphs
+from loom_db.outbox import enqueue
+from loom_db.pagination import check_limit, decode_cursor, encode_cursor
+from loom_db.types import utcnow
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "FINISHED_STATUSES",
+    "MAX_KEY_LENGTH",
+    "REQUEUE_GRACE_SECONDS",
+    "STATUSES",
+    "TRIGGER_TYPES",
+    "Admission",
+    "ExecutionRecord",
+    "ExecutionStatus",
+    "OnOverlap",
+    "TriggerType",
+    "admit",
+    "claim",
+    "create_execution",
+    "finish",
+    "get_execution",
+    "list_executions",
+    "reap",
+    "release",
+    "renew",
+    "request_cancel",
+    "rest_key",
+    "timer_key",
+    "webhook_key",
+]
+
+ExecutionStatus = Literal[
+    "queued", "waiting", "running", "succeeded", "failed", "cancelled", "timed_out", "skipped"
+]
+TriggerType = Literal["manual", "webhook", "timer", "retry", "graph"]
+OnOverlap = Literal["queue", "skip", "cancel_running"]
+Admission = Literal["running", "waiting", "skipped"]
+
+STATUSES: Final = frozenset[str](get_args(ExecutionStatus))
+ACTIVE_STATUSES: Final = frozenset({"queued", "waiting", "running"})
+FINISHED_STATUSES: Final = STATUSES - ACTIVE_STATUSES
+TRIGGER_TYPES: Final = frozenset[str](get_args(TriggerType))
+_ON_OVERLAP: Final = frozenset[str](get_args(OnOverlap))
+
+MAX_KEY_LENGTH: Final = 400
+"""The idempotency key column's width."""
+REQUEUE_GRACE_SECONDS: Final = 300
+"""How long a waiting execution released by `finish` or `release(requeue=True)` is left
+to its message before the reaper requests it again."""
+
+_c = executions.c
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutionRecord:
+    """One execution as stored. Times are aware UTC datetimes."""
+
+    id: str
+    graph: str
+    graph_version: int
+    status: ExecutionStatus
+    params: dict[str, Any]
+    trigger_type: str
+    trigger_info: dict[str, Any]
+    idempotency_key: str | None
+    origin_id: str | None
+    parent_node_run_id: int | None
+    worker_id: str | None
+    lease_expires_at: datetime | None
+    cancel_requested: bool
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+
+_COLUMNS: Final = tuple(_c[f.name] for f in fields(ExecutionRecord))
+
+
+def _record(row: Row[Any]) -> ExecutionRecord:
+    return ExecutionRecord(**row._mapping)
+
+
+# --- idempotency keys (DESIGN §5–§7) ----------------------------------------------------
+
+
+def _part(value: str) -> str:
+    # A colon inside a middle part would let two different triples spell the same key.
+    return value.replace("%", "%25").replace(":", "%3A")
+
+
+def rest_key(graph: str, principal: str, key: str) -> str:
+    """`rest:{graph}:{principal}:{key}` for an `Idempotency-Key` header."""
+    return f"rest:{_part(graph)}:{_part(principal)}:{key}"
+
+
+def webhook_key(graph: str, hook: str, delivery_id: str) -> str:
+    """`webhook:{graph}:{hook}:{delivery id}`."""
+    return f"webhook:{_part(graph)}:{_part(hook)}:{delivery_id}"
+
+
+def timer_key(graph: str, trigger_id: str, fire_time_iso: str | datetime) -> str:
+    """`timer:{graph}:{trigger id}:{scheduled time}`; a datetime is written as ISO 8601
+    UTC with `Z` (`loom_common.format_instant`), the same on every replica.
+
+    Raises `loom_common.CronError` for a naive datetime.
+    """
+    when = fire_time_iso if isinstance(fire_time_iso, str) else format_instant(fire_time_iso)
+    return f"timer:{_part(graph)}:{_part(trigger_id)}:{when}"
+
+
+# --- create, read, list -----------------------------------------------------------------
+
+
+async def create_execution(
+    conn: AsyncConnection,
+    *,
+    graph: str,
+    graph_version: int,
+    params: dict[str, Any],
+    trigger_type: str,
+    trigger_info: dict[str, Any],
+    idempotency_key: str | None = None,
+    origin_id: str | None = None,
+    parent_node_run_id: int | None = None,
+) -> tuple[ExecutionRecord, bool]:
+    """Insert a `queued` execution and its `execution.requested` outbox row.
+
+    With an `idempotency_key` already stored, nothing is written and the EXISTING
+    execution is returned with `created=False` (also when the insert raced a concurrent
+    one: the unique constraint decides, `ON CONFLICT DO NOTHING`). The caller compares
+    params if a difference matters (REST answers 422). Returns `(execution, created)`.
+
+    Raises `ValueError` for an unknown trigger type or an empty or over-long key
+    (> `MAX_KEY_LENGTH`), `Conflict` if a conflicting row vanished before it could be read.
+    """
+    if trigger_type not in TRIGGER_TYPES:
+        raise ValueError(f"unknown trigger type {trigger_type!r}")
+    if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_KEY_LENGTH:
+        raise ValueError(f"an idempotency key has 1 to {MAX_KEY_LENGTH} characters")
+    record = ExecutionRecord(
+        id=str(uuid.uuid4()),
+        graph=graph,
+        graph_version=graph_version,
+        status="queued",
+        params=params,
+        trigger_type=trigger_type,
+        trigger_info=trigger_info,
+        idempotency_key=idempotency_key,
+        origin_id=origin_id,
+        parent_node_run_id=parent_node_run_id,
+        worker_id=None,
+        lease_expires_at=None,
+        cancel_requested=False,
+        error=None,
+        created_at=utcnow(),
+        started_at=None,
+        finished_at=None,
+    )
+    values = {f.name: getattr(record, f.name) for f in fields(ExecutionRecord)}
+    if idempotency_key is None:
+        await conn.execute(insert(executions).values(values))
+    else:
+        dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+        statement = (
+            dialect.insert(executions)
+            .values(values)
+            .on_conflict_do_nothing(index_elements=[_c.idempotency_key])
+            .returning(_c.id)
+        )
+        if (await conn.execute(statement)).first() is None:
+            # READ COMMITTED: this statement sees the row whose commit the insert waited for.
+            found = (
+                await conn.execute(select(*_COLUMNS).where(_c.idempotency_key == idempotency_key))
+            ).first()
+            if found is None:
+                raise Conflict(f"execution with key {idempotency_key!r} vanished; try again")
+            return _record(found), False
+    await _request(conn, record.id, graph)
+    return record, True
+
+
+async def get_execution(conn: AsyncConnection, execution_id: str) -> ExecutionRecord:
+    """The execution `execution_id`. Raises `NotFound`."""
+    row = (await conn.execute(select(*_COLUMNS).where(_c.id == execution_id))).first()
+    if row is None:
+        raise NotFound(f"execution {execution_id} not found")
+    return _record(row)
+
+
+async def list_executions(
+    conn: AsyncConnection,
+    *,
+    graph: str | None = None,
+    status: str | None = None,
+    trigger_type: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[list[ExecutionRecord], str | None]:
+    """One page of executions, newest first, and the cursor of the next page (or None).
+
+    The cursor is a keyset position (created_at, id): pages neither skip nor repeat rows
+    while others are inserted (those newer than the first page simply do not appear).
+
+    Raises `ValueError` for a limit outside 1..`MAX_PAGE`, an unknown status or trigger
+    type, or a cursor this function did not produce.
+    """
+    check_limit(limit)
+    query = select(*_COLUMNS)
+    if graph is not None:
+        query = query.where(_c.graph == graph)
+    if status is not None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        query = query.where(_c.status == status)
+    if trigger_type is not None:
+        if trigger_type not in TRIGGER_TYPES:
+            raise ValueError(f"unknown trigger type {trigger_type!r}")
+        query = query.where(_c.trigger_type == trigger_type)
+    if cursor is not None:
+        created_at, last_id = decode_cursor(cursor, datetime, str)
+        query = query.where(
+            or_(_c.created_at < created_at, and_(_c.created_at == created_at, _c.id < last_id))
+        )
+    query = query.order_by(_c.created_at.desc(), _c.id.desc()).limit(limit + 1)
+    rows = (await conn.execute(query)).all()
+    items = [_record(row) for row in rows[:limit]]
+    last = items[-1] if items else None
+    next_cursor = encode_cursor(last.created_at, last.id) if last and len(rows) > limit else None
+    return items, next_cursor
+
+
+# --- leases -----------------------------------------------------------------------------
+
+
+def _lease(now: datetime, seconds: float) -> datetime:
+    if seconds <= 0:
+        raise ValueError("lease_seconds must be positive")
+    return now + timedelta(seconds=seconds)
+
+
+async def claim(
+    conn: AsyncConnection,
+    execution_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    now: datetime | None = None,
+) -> ExecutionRecord | None:
+    """Take the execution's lease (compare-and-set): succeeds only if it is not finished
+    and has no worker, an expired lease, or this worker. Returns the claimed execution,
+    or None (missing, finished, or leased by a live worker: ack the message and drop it).
+
+    Of concurrent claimers exactly one wins. Raises `ValueError` for a lease <= 0.
+    """
+    now = now or utcnow()
+    statement = (
+        update(executions)
+        .where(
+            _c.id == execution_id,
+            _c.status.in_(ACTIVE_STATUSES),
+            or_(
+                _c.worker_id.is_(None),
+                _c.worker_id == worker_id,
+                _c.lease_expires_at.is_(None),
+                _c.lease_expires_at <= now,
+            ),
+        )
+        .values(worker_id=worker_id, lease_expires_at=_lease(now, lease_seconds))
+        .returning(*_COLUMNS)
+    )
+    row = (await conn.execute(statement)).first()
+    return None if row is None else _record(row)
+
+
+async def renew(
+    conn: AsyncConnection,
+    execution_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    *,
+    now: datetime | None = None,
+) -> bool:
+    """Extend this worker's lease. False if the lease was lost (another worker or the
+    reaper took it, or the execution ended): the worker must stop running it.
+
+    Raises `ValueError` for a lease <= 0.
+    """
+    now = now or utcnow()
+    result = await conn.execute(
+        update(executions)
+        .where(
+            _c.id == execution_id,
+            _c.worker_id == worker_id,
+            _c.status.in_(ACTIVE_STATUSES),
+        )
+        .values(lease_expires_at=_lease(now, lease_seconds))
+    )
+    return result.rowcount == 1
+
+
+async def release(
+    conn: AsyncConnection,
+    execution_id: str,
+    worker_id: str,
+    *,
+    requeue: bool = False,
+    now: datetime | None = None,
+) -> None:
+    """Give up this worker's lease (nothing happens if it does not hold it).
+
+    With `requeue` (a worker shutting down, DESIGN §8) an `execution.requested` is written
+    to the outbox so another worker resumes it; without, a released `running` execution
+    is found by the next `reap`.
+    """
+    now = now or utcnow()
+    pending = now + timedelta(seconds=REQUEUE_GRACE_SECONDS) if requeue else None
+    row = (
+        await conn.execute(
+            update(executions)
+            .where(
+                _c.id == execution_id,
+                _c.worker_id == worker_id,
+                _c.status.in_(ACTIVE_STATUSES),
+            )
+            .values(worker_id=None, lease_expires_at=pending)
+            .returning(_c.graph)
+        )
+    ).first()
+    if row is not None and requeue:
+        await _request(conn, execution_id, row.graph)
+
+
+# --- admission and finish (DESIGN §4) ---------------------------------------------------
+
+
+async def admit(
+    conn: AsyncConnection,
+    execution_id: str,
+    worker_id: str,
+    lease_seconds: float,
+    *,
+    concurrency: int | None,
+    on_overlap: OnOverlap,
+    now: datetime | None = None,
+) -> Admission:
+    """Decide whether the claimed execution runs now, in the caller's transaction, with
+    the graph's row locked. `concurrency=None` means no limit.
+
+    Fewer than `concurrency` executions of the graph running → `running` (started_at, a
+    fresh lease). Else `skip` → `skipped` (finished); `queue` → `waiting` (lease cleared;
+    a `finish` requests it again); `cancel_running` → each running execution not yet
+    asked is flagged `cancel_requested` and gets an `execution.cancel` message, and this
+    one is `waiting`. An execution already `running` (resumed after a crash) stays
+    `running`. If slots remain after admitting, the oldest waiting one is requested too
+    (so raising or removing a graph's concurrency drains its waiting executions).
+
+    Raises `NotFound` (no such execution or graph), `Conflict` (this worker does not hold
+    the lease, or the execution already ended, e.g. cancelled), `ValueError` (bad
+    arguments).
+    """
+    if concurrency is not None and concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if on_overlap not in _ON_OVERLAP:
+        raise ValueError(f"unknown on_overlap {on_overlap!r}")
+    now = now or utcnow()
+    lease = _lease(now, lease_seconds)
+    execution = await _lock(conn, execution_id, require_graph=True)
+    if execution.finished:
+        raise Conflict(f"execution {execution_id} already ended {execution.status}")
+    if execution.worker_id != worker_id:
+        raise Conflict(f"execution {execution_id} is not leased by {worker_id}")
+    this = update(executions).where(_c.id == execution_id)
+    if execution.status == "running":
+        await conn.execute(this.values(lease_expires_at=lease))
+        return "running"
+
+    running = (
+        (
+            await conn.execute(
+                select(_c.id)
+                .where(_c.graph == execution.graph, _c.status == "running")
+                .order_by(_c.id)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if concurrency is None or len(running) < concurrency:
+        await conn.execute(this.values(status="running", started_at=now, lease_expires_at=lease))
+        if concurrency is None or len(running) + 1 < concurrency:
+            await _request_oldest_waiting(conn, execution.graph, now)
+        return "running"
+    if on_overlap == "skip":
+        await conn.execute(
+            this.values(status="skipped", finished_at=now, worker_id=None, lease_expires_at=None)
+        )
+        return "skipped"
+    if on_overlap == "cancel_running":
+        flagged = (
+            (
+                await conn.execute(
+                    update(executions)
+                    .where(
+                        _c.id.in_(running),
+                        _c.status == "running",
+                        _c.cancel_requested.is_(False),
+                    )
+                    .values(cancel_requested=True)
+                    .returning(_c.id)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for running_id in sorted(flagged):
+            await enqueue(
+                conn,
+                "execution.cancel",
+                key=running_id,
+                data={"execution_id": running_id, "by": f"on_overlap:{execution_id}"},
+            )
+    await conn.execute(this.values(status="waiting", worker_id=None, lease_expires_at=None))
+    return "waiting"
+
+
+async def finish(
+    conn: AsyncConnection,
+    execution_id: str,
+    status: str,
+    *,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> str | None:
+    """End the execution with `status` (one of `FINISHED_STATUSES`): finished_at, error,
+    lease cleared. In the same transaction, with the graph's row locked, the OLDEST
+    `waiting` execution of the graph not already requested gets an `execution.requested`;
+    its id is returned (None if there is none). An execution that already ended is left
+    as it is (None): finishing twice is harmless.
+
+    Raises `NotFound`, `ValueError` for a status that is not final.
+    """
+    if status not in FINISHED_STATUSES:
+        raise ValueError(f"{status!r} is not a final status")
+    now = now or utcnow()
+    execution = await _lock(conn, execution_id, require_graph=False)
+    if execution.finished:
+        return None
+    await conn.execute(
+        update(executions)
+        .where(_c.id == execution_id)
+        .values(status=status, finished_at=now, error=error, worker_id=None, lease_expires_at=None)
+    )
+    return await _request_oldest_waiting(conn, execution.graph, now)
+
+
+# --- reaper (DESIGN §7) -----------------------------------------------------------------
+
+
+async def reap(
+    conn: AsyncConnection,
+    *,
+    now: datetime | None = None,
+    queued_after_seconds: float = 300,
+    limit: int = 100,
+) -> list[str]:
+    """Request again (a fresh `execution.requested` in the outbox) the executions that
+    lost their owner: an expired lease (a worker died, or a claimed one was never
+    admitted), a `queued` one older than `queued_after_seconds` that nobody claimed, and a
+    `running` one released without requeue. Returns their ids, oldest first.
+
+    A reaped `running` execution stays `running`: its worker is cleared (the old worker's
+    `renew` now fails) and the next claimer takes it over and resumes it. Each reaped row
+    gets a pending requeue until `now + queued_after_seconds`, so the next passes leave it
+    alone meanwhile; on PostgreSQL rows are taken `FOR UPDATE SKIP LOCKED`, so concurrent
+    reapers write one message per execution.
+    """
+    now = now or utcnow()
+    backoff = timedelta(seconds=queued_after_seconds)
+    query: Select[tuple[str, str]] = (
+        select(_c.id, _c.graph)
+        .where(
+            _c.status.in_(ACTIVE_STATUSES),
+            or_(
+                and_(_c.lease_expires_at.is_not(None), _c.lease_expires_at <= now),
+                and_(
+                    _c.status == "queued",
+                    _c.lease_expires_at.is_(None),
+                    _c.created_at <= now - backoff,
+                ),
+                and_(_c.status == "running", _c.lease_expires_at.is_(None)),
+            ),
+        )
+        .order_by(_c.created_at, _c.id)
+        .limit(limit)
+    )
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    rows = (await conn.execute(query)).all()
+    if not rows:
+        return []
+    ids = [row.id for row in rows]
+    await conn.execute(
+        update(executions)
+        .where(_c.id.in_(ids))
+        .values(worker_id=None, lease_expires_at=now + backoff)
+    )
+    for row in rows:
+        await _request(conn, row.id, row.graph)
+    return ids
+
+
+# --- cancel -----------------------------------------------------------------------------
+
+
+async def request_cancel(
+    conn: AsyncConnection, execution_id: str, by: str, *, now: datetime | None = None
+) -> ExecutionRecord:
+    """Ask for the execution to be cancelled; returns it as it now is.
+
+    A `queued` or `waiting` one ends `cancelled` at once. A `running` one is flagged
+    `cancel_requested` and an `execution.cancel` `{execution_id, by}` goes to the control
+    channel (again on every call; its worker also sees the flag). One that already ended
+    is returned as it is.
+
+    Raises `NotFound`.
+    """
+    now = now or utcnow()
+    execution = await _lock(conn, execution_id, require_graph=False)
+    if execution.finished:
+        return execution
+    this = update(executions).where(_c.id == execution_id).returning(*_COLUMNS)
+    if execution.status == "running":
+        row = (await conn.execute(this.values(cancel_requested=True))).one()
+        await enqueue(
+            conn,
+            "execution.cancel",
+            key=execution_id,
+            data={"execution_id": execution_id, "by": by},
+        )
+        return _record(row)
+    row = (
+        await conn.execute(
+            this.values(
+                status="cancelled",
+                cancel_requested=True,
+                finished_at=now,
+                worker_id=None,
+                lease_expires_at=None,
+            )
+        )
+    ).one()
+    if execution.status == "waiting" and execution.lease_expires_at is not None:
+        # It had been requested by a `finish`: pass that wake-up on to the next one.
+        await _request_oldest_waiting(conn, execution.graph, now)
+    return _record(row)
+
+
+# --- internals --------------------------------------------------------------------------
+
+
+async def _request(conn: AsyncConnection, execution_id: str, graph: str) -> None:
+    await enqueue(
+        conn,
+        "execution.requested",
+        key=execution_id,
+        data={"execution_id": execution_id, "graph": graph},
+    )
+
+
+async def _lock(
+    conn: AsyncConnection, execution_id: str, *, require_graph: bool
+) -> ExecutionRecord:
+    """The execution, after locking its graph's row and then its own (PostgreSQL)."""
+    postgres = conn.dialect.name == "postgresql"
+    graph = (await conn.execute(select(_c.graph).where(_c.id == execution_id))).scalar()
+    if graph is None:
+        raise NotFound(f"execution {execution_id} not found")
+    graph_query = select(graphs.c.name).where(graphs.c.name == graph)
+    if postgres:
+        # FOR NO KEY UPDATE: serializes admissions without blocking foreign-key checks
+        # of rows that reference the graph (versions, triggers).
+        graph_query = graph_query.with_for_update(key_share=True)
+    if (await conn.execute(graph_query)).first() is None and require_graph:
+        raise NotFound(f"graph {graph!r} not found")
+    query = select(*_COLUMNS).where(_c.id == execution_id)
+    if postgres:
+        query = query.with_for_update()
+    row = (await conn.execute(query)).first()
+    if row is None:
+        raise NotFound(f"execution {execution_id} not found")
+    return _record(row)
+
+
+async def _request_oldest_waiting(conn: AsyncConnection, graph: str, now: datetime) -> str | None:
+    """Request the oldest `waiting` execution of `graph` with no pending request; the
+    caller holds the graph's lock."""
+    oldest: str | None = (
+        await conn.execute(
+            select(_c.id)
+            .where(
+                _c.graph == graph,
+                _c.status == "waiting",
+                _c.worker_id.is_(None),
+                or_(_c.lease_expires_at.is_(None), _c.lease_expires_at <= now),
+            )
+            .order_by(_c.created_at, _c.id)
+            .limit(1)
+        )
+    ).scalar()
+    if oldest is None:
+        return None
+    await conn.execute(
+        update(executions)
+        .where(_c.id == oldest, _c.worker_id.is_(None))
+        .values(lease_expires_at=now + timedelta(seconds=REQUEUE_GRACE_SECONDS))
+    )
+    await _request(conn, oldest, graph)
+    return oldest

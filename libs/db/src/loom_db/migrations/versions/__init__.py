@@ -1,0 +1,1 @@
+"""The revisions, oldest first by number (`0001_initial.py`, ...)."""
