@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = {
@@ -36,3 +39,23 @@ def test_engine_benchmark_quick_prints_b1_and_b2() -> None:
     for figure in figures:
         assert FIELDS <= set(figure)
         assert figure["value"] > 0 and figure["baseline"] > 0 and figure["quick"] is True
+
+
+def test_db_logs_benchmark_quick_prints_bdb() -> None:
+    if not os.environ.get("LOOM_TEST_POSTGRES_URL"):
+        if os.environ.get("LOOM_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail("LOOM_TEST_POSTGRES_URL is not set and LOOM_TEST_REQUIRE_SERVICES=1")
+        pytest.skip("LOOM_TEST_POSTGRES_URL is not set: the Bdb benchmark needs PostgreSQL")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/db_logs.py", "--quick", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [f["benchmark"] for f in figures] == ["Bdb", "Bdb"]
+    for figure in figures:
+        assert FIELDS <= set(figure)
+        assert figure["value"] > 0 and figure["baseline"] > 0

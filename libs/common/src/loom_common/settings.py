@@ -62,6 +62,10 @@ class LoomSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
 
     database_url: str = "sqlite+aiosqlite:///./.loom/loom.db"
+    database_pool_size: int = Field(default=10, ge=1)
+    """PostgreSQL connections kept open per process (SQLite has one writer anyway)."""
+    database_max_overflow: int = Field(default=10, ge=0)
+    """Extra PostgreSQL connections a busy process may open beyond the pool."""
     queue_url: str = "memory://"
     events_url: str = "memory://"
     secret_key: SecretStr | None = None

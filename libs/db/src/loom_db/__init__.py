@@ -26,7 +26,7 @@ from loom_db import (
     retention,
     secrets,
 )
-from loom_db.database import Database, create_database
+from loom_db.database import Database, create_database, database_from_settings
 from loom_db.errors import (
     Conflict,
     DatabaseError,
@@ -44,6 +44,7 @@ __all__ = [
     "SecretKeyMismatch",
     "audit",
     "create_database",
+    "database_from_settings",
     "deliveries",
     "executions",
     "graphs",

@@ -22,9 +22,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from loom_common import LoomSettings
 from loom_db.errors import DatabaseUnavailable, translate_errors
 
-__all__ = ["Database", "create_database"]
+__all__ = ["Database", "create_database", "database_from_settings"]
 
 _log = logging.getLogger("loom.db")
 T = TypeVar("T")
@@ -58,6 +59,15 @@ def create_database(
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
     return Database(engine)
+
+
+def database_from_settings(settings: LoomSettings) -> Database:
+    """The process's `Database`, as `LOOM_DATABASE_URL` and the pool settings say."""
+    return create_database(
+        settings.database_url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+    )
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:

@@ -430,19 +430,20 @@ class Execution:
             (self._states[n].status, self.graph.nodes[n].spec.continue_on_failure)
             for n in node.needs
         ]
-        ancestors = [self._states[n].status for n in self.graph.ancestors[node.id]]
+        states = self._states
+        ancestors = self.graph.ancestors[node.id]  # read only when asked: long chains
 
         def success() -> bool:
             return all(s == "succeeded" or (s in _FAILED and cof) for s, cof in needs)
 
         def failure() -> bool:
-            return any(s in _FAILED for s in ancestors)
+            return any(states[n].status in _FAILED for n in ancestors)
 
         def always() -> bool:
             return True
 
         def cancelled() -> bool:
-            return self._cancel_requested or any(s == "cancelled" for s in ancestors)
+            return self._cancel_requested or any(states[n].status == "cancelled" for n in ancestors)
 
         return {"success": success, "failure": failure, "always": always, "cancelled": cancelled}
 
