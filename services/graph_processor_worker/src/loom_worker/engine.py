@@ -574,20 +574,10 @@ class Execution:
             )
             last = try_number == tries or not retryable or status == "cancelled"
             _log.debug("attempt %d %s", attempt, status, extra={"error": error} if error else None)
-            if status == "succeeded" or last:
-                self._node_event(
-                    node,
-                    instance,
-                    index,
-                    status,
-                    attempt,
-                    exit_code=exit_code,
-                    error=error,
-                    outputs=outputs,
-                )
-                return status, outputs
-            cap = min(node.retry_max_delay, node.retry_delay * 2 ** (try_number - 1))
-            delay = random.uniform(0, cap)
+            retry_in: float | None = None
+            if not (status == "succeeded" or last):
+                cap = min(node.retry_max_delay, node.retry_delay * 2 ** (try_number - 1))
+                retry_in = random.uniform(0, cap)  # exponential backoff, full jitter
             self._node_event(
                 node,
                 instance,
@@ -597,10 +587,14 @@ class Execution:
                 exit_code=exit_code,
                 error=error,
                 outputs=outputs,
-                retry_in=delay,
+                retry_in=retry_in,
             )
-            self._note(instance, f"attempt {attempt} {status}: {error}; retrying in {delay:.2f}s")
-            await asyncio.sleep(delay)
+            if retry_in is None:
+                return status, outputs
+            self._note(
+                instance, f"attempt {attempt} {status}: {error}; retrying in {retry_in:.2f}s"
+            )
+            await asyncio.sleep(retry_in)
         raise AssertionError("unreachable: the last try returns")
 
     async def _attempt(
