@@ -39,25 +39,26 @@ def prefix() -> str:
 
 
 @pytest.fixture(params=list(BACKENDS))
-async def broker(request: pytest.FixtureRequest, prefix: str) -> AsyncIterator[Broker]:
-    """A started broker of each backend, with a fresh prefix."""
-    url = broker_url(request.param)
-    async with open_broker(url, prefix=prefix, max_deliveries=3) as started:
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """The URL of each backend in turn (memory: one fresh in-process broker per test)."""
+    return broker_url(request.param)
+
+
+@pytest.fixture
+async def broker(backend_url: str, prefix: str) -> AsyncIterator[Broker]:
+    """A started broker of each backend, with a fresh prefix (max 3 deliveries)."""
+    async with open_broker(backend_url, prefix=prefix, max_deliveries=3) as started:
         yield started
 
 
 @pytest.fixture
-async def broker_factory(
-    request: pytest.FixtureRequest, prefix: str
-) -> AsyncIterator[object]:
-    """Opens more brokers on the same backend and prefix as `broker` (several processes'
-    worth of connections): `await broker_factory()`."""
+async def broker_factory(backend_url: str, prefix: str) -> AsyncIterator[object]:
+    """More brokers on the same backend, URL and prefix as `broker` — another process's
+    connection: `other = await broker_factory()`. Closed at the end of the test."""
     opened: list[Broker] = []
-    backend = request.node.callspec.params.get("broker", "memory")
-    url = broker_url(backend)
 
     async def make() -> Broker:
-        b = open_broker(url, prefix=prefix, max_deliveries=3)
+        b = open_broker(backend_url, prefix=prefix, max_deliveries=3)
         await b.start()
         opened.append(b)
         return b
