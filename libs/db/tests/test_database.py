@@ -42,3 +42,12 @@ def test_other_drivers_are_refused_with_a_clear_message() -> None:
         create_database("postgresql+asyncpg://x@y/z")
     with pytest.raises(ValueError, match="unsupported database URL"):
         create_database("mysql+aiomysql://x@y/z")
+
+
+async def test_a_missing_table_is_a_plain_error_not_unavailable(db: Database) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    with pytest.raises(DBAPIError) as info:
+        async with db.read() as conn:
+            await conn.execute(text("select * from no_such_table"))
+    assert not isinstance(info.value, DatabaseUnavailable)

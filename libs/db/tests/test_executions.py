@@ -597,3 +597,64 @@ async def test_cancelling_a_released_waiting_execution_passes_the_wake_up_on(db:
     before = await messages(db)
     await run(db, lambda conn: request_cancel(conn, b.id, "alice"))
     assert await messages(db) == [*before, requested(c)]
+
+
+# --- lock order (found in review: deadlocks on PostgreSQL) -------------------------------
+
+
+async def test_a_worker_finishing_after_writing_node_runs_does_not_deadlock_with_a_cancel(
+    db: Database,
+) -> None:
+    from loom_db.node_runs import record_node
+
+    await add_graph(db)
+    record = await create(db)
+    assert await start(db, record, "w1") == "running"
+
+    async def worker() -> None:
+        async with db.transaction() as conn:
+            await record_node(
+                conn, record.id, node="a", name="a", index=None, attempt=1, status="succeeded"
+            )
+            await asyncio.sleep(0.5)
+            await finish(conn, record.id, "succeeded")
+
+    async def canceller() -> None:
+        await asyncio.sleep(0.2)
+        async with db.transaction() as conn:
+            await request_cancel(conn, record.id, "alice")
+
+    await asyncio.gather(worker(), canceller())
+    assert (await get(db, record.id)).status == "succeeded"
+
+
+async def test_claim_and_admit_in_one_transaction_do_not_deadlock_with_a_cancel(
+    db: Database,
+) -> None:
+    await add_graph(db)
+    record = await create(db)
+
+    async def worker() -> str:
+        async with db.transaction() as conn:
+            assert await claim(conn, record.id, "w1", 30) is not None
+            await asyncio.sleep(0.5)
+            return await admit(conn, record.id, "w1", 30, concurrency=1, on_overlap="queue")
+
+    async def canceller() -> None:
+        await asyncio.sleep(0.2)
+        async with db.transaction() as conn:
+            await request_cancel(conn, record.id, "alice")
+
+    results = await asyncio.gather(worker(), canceller(), return_exceptions=True)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+
+
+async def test_a_woken_waiting_execution_is_not_overtaken_by_a_newcomer(db: Database) -> None:
+    await add_graph(db)
+    first, second = await create(db), await create(db)
+    assert await start(db, first, "w1", concurrency=1) == "running"
+    assert await start(db, second, "w2", concurrency=1) == "waiting"
+    await run(db, lambda conn: finish(conn, first.id, "succeeded"))  # wakes `second`
+    newcomer = await create(db)
+    assert await start(db, newcomer, "w3", concurrency=1) == "waiting"
+    assert await start(db, second, "w2", concurrency=1) == "running"

@@ -126,3 +126,17 @@ async def test_an_execution_without_lines_has_last_seq_0_and_an_empty_page(db: D
     async with db.read() as conn:
         assert await last_seq(conn, "e1") == 0
         assert await read_logs(conn, "e1") == []
+
+
+async def test_a_naive_timestamp_is_refused_before_anything_is_written(db: Database) -> None:
+    async with db.transaction() as conn:
+        execution_id = "exec-naive-ts"
+        await add_execution(conn, execution_id)
+        good = LogLineIn(1, "a", "stdout", datetime.now(UTC), "ok")
+        naive = LogLineIn(2, "a", "stdout", datetime.now(), "naive")
+        with pytest.raises(ValueError, match="naive"):
+            await append_logs(conn, execution_id, [good, naive])
+        await append_logs(conn, execution_id, [good])  # the transaction is still usable
+        assert [line.text for line in await read_logs(conn, execution_id)] == ["ok"]
+        with pytest.raises(ValueError, match="limit"):
+            await read_logs(conn, execution_id, limit=-1)

@@ -33,6 +33,7 @@ from loom_db.errors import (
     DatabaseUnavailable,
     NotFound,
     SecretKeyMismatch,
+    TransactionConflict,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "DatabaseUnavailable",
     "NotFound",
     "SecretKeyMismatch",
+    "TransactionConflict",
     "audit",
     "create_database",
     "database_from_settings",

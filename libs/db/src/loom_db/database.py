@@ -23,7 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from loom_common import LoomSettings
-from loom_db.errors import DatabaseUnavailable, translate_errors
+from loom_db.errors import DatabaseUnavailable, TransactionConflict, translate_errors
 
 __all__ = ["Database", "create_database", "database_from_settings"]
 
@@ -128,14 +128,15 @@ class Database:
     async def retrying(
         self, operation: Callable[[], Awaitable[T]], *, attempts: int = 3, delay: float = 0.2
     ) -> T:
-        """Run an IDEMPOTENT operation, retrying only `DatabaseUnavailable`, with backoff."""
+        """Run an IDEMPOTENT operation, retrying only `DatabaseUnavailable` and
+        `TransactionConflict`, with backoff; each retry is logged."""
         for attempt in range(1, attempts + 1):
             try:
                 return await operation()
-            except DatabaseUnavailable as exc:
+            except (DatabaseUnavailable, TransactionConflict) as exc:
                 if attempt == attempts:
                     raise
-                _log.warning("database unavailable (attempt %d of %d): %s", attempt, attempts, exc)
+                _log.warning("%s (attempt %d of %d)", exc, attempt, attempts)
                 await asyncio.sleep(delay * 2 ** (attempt - 1))
         raise AssertionError("unreachable")
 

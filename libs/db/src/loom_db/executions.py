@@ -10,8 +10,10 @@ NO worker but a `lease_expires_at` is a pending requeue: an `execution.requested
 written for it, and the reaper leaves it alone until that time has passed.
 
 Locks: operations that touch several executions of a graph (`admit`, `finish`,
-`request_cancel`) lock the graph's row first, then the execution's (`FOR UPDATE` on
-PostgreSQL, READ COMMITTED), always in that order so they cannot deadlock one another;
+`request_cancel`, and `claim`) lock the graph's row first, then the execution's (on
+PostgreSQL, READ COMMITTED, both `FOR NO KEY UPDATE`, so that the FOR KEY SHARE locks taken
+by log and node-run inserts do not conflict), always in that order so they cannot
+deadlock one another;
 SQLite has one writer at a time (`BEGIN IMMEDIATE`).
 """
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal, get_args
 
-from sqlalchemy import Select, and_, insert, or_, select, update
+from sqlalchemy import Select, and_, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -289,6 +291,13 @@ async def claim(
     Of concurrent claimers exactly one wins. Raises `ValueError` for a lease <= 0.
     """
     now = now or utcnow()
+    if conn.dialect.name == "postgresql":
+        # Graph row first, as `_lock` does: a claim followed by `admit` in one transaction
+        # must take locks in the same order as `request_cancel` and `finish`.
+        graph = select(_c.graph).where(_c.id == execution_id).scalar_subquery()
+        await conn.execute(
+            select(graphs.c.name).where(graphs.c.name == graph).with_for_update(key_share=True)
+        )
     statement = (
         update(executions)
         .where(
@@ -421,7 +430,23 @@ async def admit(
         .scalars()
         .all()
     )
-    if concurrency is None or len(running) < concurrency:
+    # Waiting executions already woken (a request is on its way: no worker, a pending
+    # marker) hold their slot, so a newcomer cannot overtake them (first in, first out).
+    woken = 0
+    if execution.status == "queued":
+        woken = (
+            await conn.execute(
+                select(func.count())
+                .select_from(executions)
+                .where(
+                    _c.graph == execution.graph,
+                    _c.status == "waiting",
+                    _c.worker_id.is_(None),
+                    _c.lease_expires_at.is_not(None),
+                )
+            )
+        ).scalar_one()
+    if concurrency is None or len(running) + woken < concurrency:
         await conn.execute(this.values(status="running", started_at=now, lease_expires_at=lease))
         if concurrency is None or len(running) + 1 < concurrency:
             await _request_oldest_waiting(conn, execution.graph, now)
@@ -620,7 +645,9 @@ async def _lock(
         raise NotFound(f"graph {graph!r} not found")
     query = select(*_COLUMNS).where(_c.id == execution_id)
     if postgres:
-        query = query.with_for_update()
+        # FOR NO KEY UPDATE too: a worker appending logs or node runs of this execution
+        # holds FOR KEY SHARE on it (foreign keys); FOR UPDATE would deadlock with it.
+        query = query.with_for_update(key_share=True)
     row = (await conn.execute(query)).first()
     if row is None:
         raise NotFound(f"execution {execution_id} not found")

@@ -23,8 +23,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from loom_db.errors import Conflict, DatabaseUnavailable, NotFound
+from loom_db.errors import Conflict, NotFound, classify_driver_error
 from loom_db.models import log_lines as _log_lines
+from loom_db.pagination import check_limit
 
 __all__ = ["LogLineIn", "LogLineOut", "append_logs", "last_seq", "read_logs"]
 
@@ -67,6 +68,10 @@ async def append_logs(conn: AsyncConnection, execution_id: str, lines: Sequence[
     """
     if not lines:
         return
+    # Checked before anything is written: a failure halfway through a COPY would leave
+    # the caller's PostgreSQL transaction aborted.
+    if any(line.ts.tzinfo is None for line in lines):
+        raise ValueError("naive datetime given to the database; use an aware UTC datetime")
     if conn.dialect.name == "postgresql":
         await _copy(conn, execution_id, lines)
         return
@@ -101,15 +106,14 @@ async def _copy(conn: AsyncConnection, execution_id: str, lines: Sequence[LogLin
             copy.set_types(_COPY_TYPES)
             write = copy.write_row
             for seq, node, stream, ts, text in lines:
-                if ts.tzinfo is None:
-                    raise ValueError(
-                        "naive datetime given to the database; use an aware UTC datetime"
-                    )
                 await write((execution_id, seq, node, stream, ts, _clean(text)))
     except psycopg.IntegrityError as exc:
         raise _integrity(execution_id, str(exc)) from exc
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+    except psycopg.Error as exc:
+        kind = classify_driver_error(exc)
+        if kind is None:
+            raise
+        raise kind(f"appending log lines: {exc}") from exc
 
 
 def _integrity(execution_id: str, message: str) -> Exception:
@@ -141,7 +145,7 @@ async def read_logs(
         )
         .where(_log_lines.c.execution_id == execution_id, _log_lines.c.seq > after)
         .order_by(_log_lines.c.seq)
-        .limit(limit)
+        .limit(check_limit(limit))
     )
     if node is not None:
         query = query.where(_log_lines.c.node == node)
