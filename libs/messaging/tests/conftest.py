@@ -46,9 +46,14 @@ def backend_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def broker(backend_url: str, prefix: str) -> AsyncIterator[Broker]:
-    """A started broker of each backend, with a fresh prefix (max 3 deliveries)."""
+    """A started broker of each backend, with a fresh prefix (max 3 deliveries). On the
+    shared RabbitMQ, the prefix's queues and exchanges are deleted afterwards."""
     async with open_broker(backend_url, prefix=prefix, max_deliveries=3) as started:
         yield started
+    if backend_url.startswith(("amqp://", "amqps://")):
+        from loom_messaging.rabbitmq import delete_prefix
+
+        await delete_prefix(backend_url, prefix)
 
 
 @pytest.fixture
