@@ -190,6 +190,7 @@ def test_public_names_are_pinned() -> None:
         "MessagingError",
         "UnsupportedURL",
         "WorkQueue",
+        "check_broker",
         "decode",
         "encode",
         "open_broker",

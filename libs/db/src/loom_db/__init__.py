@@ -23,6 +23,7 @@ from loom_db import (
     node_runs,
     outbox,
     pagination,
+    relay,
     retention,
     secrets,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "node_runs",
     "outbox",
     "pagination",
+    "relay",
     "retention",
     "secrets",
 ]

@@ -1,6 +1,6 @@
 """The outbox: messages written in the same transaction as the change they announce.
 
-A relay (loom_messaging) fetches unsent rows (`fetch_unsent`), publishes them and marks
+A relay (`loom_db.relay`) fetches unsent rows (`fetch_unsent`), publishes them and marks
 them sent (`mark_sent`), all in one transaction; it is woken right after a commit that
 wrote one and polls about once a second as a fallback (`OutboxWaker`). Several relays are
 safe together: on PostgreSQL each fetch locks its rows and skips rows another relay has

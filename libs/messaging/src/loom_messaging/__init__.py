@@ -20,6 +20,7 @@ from loom_messaging.errors import (
     MessagingError,
     UnsupportedURL,
 )
+from loom_messaging.health import check_broker
 
 __all__ = [
     "LOG_BATCH_MAX_BYTES",
@@ -35,6 +36,7 @@ __all__ = [
     "MessagingError",
     "UnsupportedURL",
     "WorkQueue",
+    "check_broker",
     "decode",
     "encode",
     "open_broker",

@@ -9,7 +9,7 @@ broker never see each other's messages.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -130,6 +130,22 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """A cheap reachability check for `/readyz`; raises `BrokerUnavailable`."""
+
+    def publishers(
+        self,
+    ) -> dict[str, Callable[[Sequence[tuple[bytes, str]]], Awaitable[None]]]:
+        """One batch publisher per outbox channel (`queue`, `events`, `control`): what the
+        outbox relay of loom_db is handed, so that neither lib imports the other."""
+
+        async def broadcast(items: Sequence[tuple[bytes, str]]) -> None:
+            for body, key in items:
+                await self.control.broadcast(body, key)
+
+        return {
+            "queue": self.queue.publish_batch,
+            "events": self.events.publish_batch,
+            "control": broadcast,
+        }
 
     async def __aenter__(self) -> Broker:
         await self.start()
