@@ -59,3 +59,25 @@ def test_db_logs_benchmark_quick_prints_bdb() -> None:
     for figure in figures:
         assert FIELDS <= set(figure)
         assert figure["value"] > 0 and figure["baseline"] > 0
+
+
+def test_messaging_benchmark_quick_prints_bmsg() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/messaging.py",
+            "--quick",
+            "--repeat",
+            "1",
+            "--only",
+            "memory,relay",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = [json.loads(line) for line in result.stdout.splitlines()]
+    assert figures and all(f["benchmark"] == "Bmsg" for f in figures)
+    assert all(f["value"] > 0 for f in figures)
