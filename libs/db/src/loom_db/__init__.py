@@ -26,6 +26,8 @@ from loom_db import (
     relay,
     retention,
     secrets,
+    tokens,
+    users,
 )
 from loom_db.database import Database, create_database, database_from_settings
 from loom_db.errors import (
@@ -59,4 +61,6 @@ __all__ = [
     "relay",
     "retention",
     "secrets",
+    "tokens",
+    "users",
 ]

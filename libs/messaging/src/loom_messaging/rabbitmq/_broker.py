@@ -1,52 +1,20 @@
-"""`amqp://` — the three roles on RabbitMQ, with aio-pika.
-
-Topology (every name carries the prefix `p`)::
-
-    p.executions       durable quorum queue, the work queue; x-delivery-limit, dead-letter
-                       exchange p.dlx with the at-least-once strategy
-    p.dlx              durable fanout exchange -> p.executions.dead
-    p.executions.dead  durable classic queue: the dead letters, oldest first
-    p.events           durable topic exchange, routing key = the event key; each subscriber
-                       an exclusive auto-delete queue bound with '#'
-    p.control          durable fanout exchange; each subscriber an exclusive auto-delete queue
-
-Delivery limit: a quorum queue dead-letters a message once it has been *returned* more
-than `x-delivery-limit` times, so the limit is `max_deliveries - 1` and a message is
-delivered `max_deliveries` times. RabbitMQ marks such a message with `x-death`
-(reason `delivery_limit`); `dead_letters()` reports it as "delivered N times without an
-ack". The queue's arguments must match on every declaration, so N is this broker's
-`max_deliveries`. Bodies that do not decode, and `Delivery.dead_letter(reason)`, are
-published by the consumer to p.dlx with an `x-loom-reason` header (confirmed), then acked.
-Checked on RabbitMQ 3.10. From 4.3 on, RabbitMQ counts only `basic.reject` toward the
-delivery limit, not a consumer that dies holding a message: revisit this there.
-
-Connection: one robust connection per broker. It reconnects every `reconnect_interval`
-and restores the channels with their prefetch, declarations, bindings and consumers, so
-a `consume` or `subscribe` block resumes by itself after a broker restart. While it is
-disconnected, operations fail at once with `BrokerUnavailable` instead of waiting for the
-reconnect: the outbox relay retries on its own, and a worker publishing news must not
-stall. A peer that vanishes without closing its TCP connection is noticed by AMQP
-heartbeats (aiormq asks for 60 s; `?heartbeat=N` in the URL changes it). Driver
-errors become `BrokerUnavailable` in one place, `_translated`.
-
-Order: one publisher channel (with confirms) carries every publish, and each subscriber
-has one queue and one channel, so the events of one key arrive in the order published.
+"""`RabbitBroker`: the connection and its channels, the topology, publishing with
+confirms, storing and reading dead letters, subscriptions; and `delete_prefix`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
-import pamqp.exceptions
 from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustChannel,
@@ -57,43 +25,31 @@ from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pamqp.common import FieldTable
 
-from loom_messaging.abc import Broker, Control, DeadLetter, Delivery, EventStream, WorkQueue
-from loom_messaging.envelope import Envelope, decode
-from loom_messaging.errors import BrokerUnavailable, InvalidMessage, MessagingError
+from loom_messaging.abc import Broker, DeadLetter
+from loom_messaging.envelope import Envelope
+from loom_messaging.errors import BrokerUnavailable
+from loom_messaging.rabbitmq._common import (
+    _KEY,
+    _REASON,
+    _as_text,
+    _is_stale,
+    _key,
+    _log,
+    _text,
+    _translated,
+)
+from loom_messaging.rabbitmq._queue import _Queue
+from loom_messaging.rabbitmq._stream import _Control, _Events, _Subscription
 
-__all__ = ["SUBSCRIBER_BUFFER", "RabbitBroker", "delete_prefix"]
-
-_log = logging.getLogger("loom.messaging.rabbitmq")
+if TYPE_CHECKING:
+    from loom_messaging.rabbitmq._queue import _Deliveries
 
 SUBSCRIBER_BUFFER = 10_000
 """Events or control messages a subscriber's queue holds before RabbitMQ drops the oldest."""
 
 _SUBSCRIBER_PREFETCH = 1_000
-_SUBSCRIBER_ACK_EVERY = 100
-_KEY = "x-loom-key"
-_REASON = "x-loom-reason"
 _PERSISTENT = 2
 _TRANSIENT = 1
-
-
-@contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """The one place where aio-pika / aiormq errors become ours."""
-    try:
-        yield
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        # Inequivalent queue arguments and the like: a configuration error, not an outage.
-        raise MessagingError(f"RabbitMQ refused to {what}: {exc}") from exc
-    except aiormq.exceptions.PublishError as exc:
-        raise BrokerUnavailable(f"RabbitMQ could not route a message ({what}): {exc}") from exc
-    except aiormq.exceptions.ChannelInvalidStateError as exc:
-        raise BrokerUnavailable(
-            f"RabbitMQ: cannot {what}: its channel is closed (the connection was lost, "
-            "or the broker closed the channel)"
-        ) from exc
-    except (aiormq.exceptions.AMQPError, pamqp.exceptions.PAMQPException, OSError) as exc:
-        # OSError covers refused connections and TimeoutError (our `asyncio.timeout`s).
-        raise BrokerUnavailable(f"RabbitMQ: cannot {what}: {exc!r}") from exc
 
 
 def _redacted(url: str) -> str:
@@ -121,267 +77,6 @@ class _Names:
             events=f"{prefix}.events",
             control=f"{prefix}.control",
         )
-
-
-def _as_text(value: object) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode(errors="replace")
-    return value if isinstance(value, str) else None
-
-
-def _text(headers: FieldTable | None, name: str) -> str | None:
-    return _as_text((headers or {}).get(name))
-
-
-def _key(message: AbstractIncomingMessage) -> str:
-    return _text(message.headers, _KEY) or ""
-
-
-def _delivery_count(message: AbstractIncomingMessage) -> int:
-    """The quorum queue's `x-delivery-count` counts earlier deliveries that were not
-    acked; absent (or 0) on the first one."""
-    returned = message.headers.get("x-delivery-count")
-    return returned + 1 if isinstance(returned, int) else 1
-
-
-def _is_stale(message: AbstractIncomingMessage) -> bool:
-    """True when the channel that carried `message` is gone (the connection was lost):
-    RabbitMQ has put it back, and its delivery tag means nothing on the new channel."""
-    try:
-        message.channel  # noqa: B018 - the property raises for a closed channel
-    except aiormq.exceptions.ChannelInvalidStateError:
-        return True
-    return False
-
-
-class _RabbitDelivery(Delivery):
-    def __init__(
-        self, stream: _Deliveries, message: AbstractIncomingMessage, envelope: Envelope
-    ) -> None:
-        self.envelope = envelope
-        self.key = _key(message)
-        self.delivery_count = _delivery_count(message)
-        self._stream = stream
-        self._message = message
-        self._settled = False
-
-    async def ack(self) -> None:
-        """Acking twice, or after leaving the `consume` block (RabbitMQ has put the message
-        back), does nothing. Raises `BrokerUnavailable` when the connection was lost since
-        the delivery: RabbitMQ delivers the message again."""
-        if self._settled or self._stream.stopped:
-            return
-        self._settled = True
-        with _translated("ack a delivery"):
-            await self._message.ack()
-
-    async def dead_letter(self, reason: str) -> None:
-        """Raises `BrokerUnavailable` when the dead letter could not be stored; the message
-        then stays unacked and is delivered again."""
-        if self._settled or self._stream.stopped:
-            return
-        await self._stream.broker._dead_letter(self._message, reason)
-        self._settled = True
-
-
-class _Deliveries:
-    """The iterator of one `consume` block, fed by the consumer callback of its channel."""
-
-    def __init__(self, broker: RabbitBroker) -> None:
-        self.broker = broker
-        self.stopped = False
-        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-
-    async def receive(self, message: AbstractIncomingMessage) -> None:
-        self._buffer.put_nowait(message)
-
-    def stop(self) -> None:
-        self.stopped = True
-        self._buffer.put_nowait(None)
-
-    def __aiter__(self) -> _Deliveries:
-        return self
-
-    async def __anext__(self) -> Delivery:
-        while True:
-            if self.stopped:
-                raise StopAsyncIteration
-            message = await self._buffer.get()
-            if message is None or self.stopped:
-                raise StopAsyncIteration
-            if _is_stale(message):
-                continue
-            try:
-                envelope = decode(message.body)
-            except InvalidMessage as exc:
-                await self.broker._refuse(message, str(exc))
-                continue
-            return _RabbitDelivery(self, message, envelope)
-
-
-class _Subscription:
-    """The iterator of one event or control subscription. Acks go in batches (the
-    subscriber's queue is its own, so an ack only frees prefetch room)."""
-
-    def __init__(self, channel: str) -> None:
-        self.channel = channel
-        self._buffer: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
-        self._unacked = 0
-        self._stopped = False
-
-    async def receive(self, message: AbstractIncomingMessage) -> None:
-        self._buffer.put_nowait(message)
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._buffer.put_nowait(None)
-
-    def __aiter__(self) -> _Subscription:
-        return self
-
-    async def __anext__(self) -> Envelope:
-        while True:
-            message = None if self._stopped else await self._buffer.get()
-            if message is None or self._stopped:
-                raise StopAsyncIteration
-            await self._settle(message)
-            try:
-                return decode(message.body)
-            except InvalidMessage as exc:
-                _log.warning(
-                    "skipped an undecodable %s message with key %r: %s",
-                    self.channel,
-                    message.routing_key,
-                    exc,
-                )
-
-    async def _settle(self, message: AbstractIncomingMessage) -> None:
-        self._unacked += 1
-        if self._unacked < _SUBSCRIBER_ACK_EVERY and not self._buffer.empty():
-            return
-        self._unacked = 0
-        if _is_stale(message):
-            return  # its queue went with the old connection: nothing to ack
-        with _translated(f"ack {self.channel} messages"):
-            await message.ack(multiple=True)
-
-
-class _Queue(WorkQueue):
-    def __init__(self, broker: RabbitBroker) -> None:
-        self._broker = broker
-
-    async def publish(self, body: bytes, key: str) -> None:
-        """Returns once RabbitMQ has confirmed the message (persistent, in a quorum queue).
-        Raises `BrokerUnavailable` (it may then have been stored anyway: retrying can
-        duplicate, which at-least-once allows)."""
-        broker = self._broker
-        await broker._publish([(body, key)], "", broker.names.work, work=True)
-
-    async def publish_batch(self, items: Sequence[tuple[bytes, str]]) -> None:
-        """Publishes all, then waits for all the confirms; raises `BrokerUnavailable` when
-        any is not confirmed (some may have been stored)."""
-        broker = self._broker
-        await broker._publish(items, "", broker.names.work, work=True)
-
-    def consume(
-        self, *, prefetch: int = 10
-    ) -> AbstractAsyncContextManager[AsyncIterator[Delivery]]:
-        """Raises `BrokerUnavailable` on entry when RabbitMQ cannot be reached; once in,
-        the block outlives broker restarts (deliveries pause and resume)."""
-        if prefetch < 1:
-            raise ValueError(f"prefetch must be at least 1, not {prefetch}")
-        return self._consume(prefetch)
-
-    @asynccontextmanager
-    async def _consume(self, prefetch: int) -> AsyncIterator[AsyncIterator[Delivery]]:
-        broker = self._broker
-        deliveries = _Deliveries(broker)
-        channel = await broker._open_channel()
-        broker._streams.add(deliveries)
-        try:
-            with _translated("start consuming"):
-                async with asyncio.timeout(broker.timeout):
-                    await channel.set_qos(prefetch_count=prefetch)
-                    queue = await broker._declare_work_queue(channel)
-                    await queue.consume(deliveries.receive)
-            yield deliveries
-        finally:
-            deliveries.stop()
-            broker._streams.discard(deliveries)
-            # Closing the channel is what puts its unacked deliveries back.
-            await broker._close_channel(channel)
-
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The oldest `limit` dead letters. They are read with basic.get and put back by
-        closing the channel, so a concurrent `dead_letters` in another process may
-        briefly see fewer (within this broker a lock orders them)."""
-        broker = self._broker
-        letters: list[DeadLetter] = []
-        async with broker._dead_lock:
-            with _translated("read the dead letters"):
-                async with asyncio.timeout(broker.timeout):
-                    channel = await broker._raw_channel()
-                    try:
-                        while len(letters) < limit:
-                            got = await broker._next_dead_letter(channel)
-                            if got is None:
-                                break
-                            letters.append(broker._letter(got[0]))
-                    finally:
-                        await channel.close()
-        return letters
-
-    async def replay(self, dead_letter_id: str) -> None:
-        """Publishes the dead letter to the work queue as a new message (first delivery)
-        and then removes it from the dead letters. Raises `LookupError` for an unknown id,
-        `BrokerUnavailable` when RabbitMQ cannot be reached."""
-        broker = self._broker
-        async with broker._dead_lock:
-            with _translated("replay a dead letter"):
-                async with asyncio.timeout(broker.timeout):
-                    channel = await broker._raw_channel()
-                    try:
-                        while True:
-                            got = await broker._next_dead_letter(channel)
-                            if got is None:
-                                raise LookupError(f"no dead letter {dead_letter_id!r}")
-                            message, tag = got
-                            if message.header.properties.message_id != dead_letter_id:
-                                continue
-                            key = _text(message.header.properties.headers, _KEY) or ""
-                            await broker._publish(
-                                [(message.body, key)], "", broker.names.work, work=True
-                            )
-                            await channel.basic_ack(tag)
-                            _log.info("replayed dead letter %s with key %r", dead_letter_id, key)
-                            return
-                    finally:
-                        await channel.close()
-
-
-class _Events(EventStream):
-    def __init__(self, broker: RabbitBroker) -> None:
-        self._broker = broker
-
-    async def publish(self, body: bytes, key: str) -> None:
-        await self._broker._publish([(body, key)], self._broker.names.events, None)
-
-    async def publish_batch(self, items: Sequence[tuple[bytes, str]]) -> None:
-        await self._broker._publish(items, self._broker.names.events, None)
-
-    def subscribe(self) -> AbstractAsyncContextManager[AsyncIterator[Envelope]]:
-        return self._broker._subscribe(self._broker.names.events, "event")
-
-
-class _Control(Control):
-    def __init__(self, broker: RabbitBroker) -> None:
-        self._broker = broker
-
-    async def broadcast(self, body: bytes, key: str = "") -> None:
-        await self._broker._publish([(body, key)], self._broker.names.control, None)
-
-    def subscribe(self) -> AbstractAsyncContextManager[AsyncIterator[Envelope]]:
-        return self._broker._subscribe(self._broker.names.control, "control")
 
 
 class RabbitBroker(Broker):

@@ -1,0 +1,410 @@
+"""One `consume` block of the work queue: a work-group member that hands out deliveries,
+settles acks in any order, commits the contiguous settled offsets, and gives back what is
+left unsettled on close or rebalance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiokafka import (  # type: ignore[import-untyped, unused-ignore]
+    AIOKafkaConsumer,
+    ConsumerRebalanceListener,
+    ConsumerStoppedError,
+    TopicPartition,
+)
+from aiokafka.errors import (  # type: ignore[import-untyped, unused-ignore]
+    CommitFailedError,
+    IllegalStateError,
+)
+from aiokafka.protocol.group import LeaveGroupRequest  # type: ignore[import-untyped, unused-ignore]
+
+from loom_messaging.abc import Delivery
+from loom_messaging.envelope import Envelope, decode
+from loom_messaging.errors import BrokerUnavailable, InvalidMessage
+from loom_messaging.kafka._common import _POLL_MS, DELIVERIES_HEADER, _key, _log, _stop, _translated
+
+if TYPE_CHECKING:
+    from loom_messaging.kafka._broker import KafkaBroker
+
+_FETCH_RECORDS = 100  # records per fetched work batch: one delivery mark per batch
+_COMMIT_DELAY = 0.05  # acks of this window share a commit: a crash redelivers them
+
+
+def _deliveries(record: Any) -> int:
+    """Deliveries a work record has had before this one (its `x-loom-deliveries`)."""
+    for name, value in record.headers or ():
+        if name == DELIVERIES_HEADER:
+            with contextlib.suppress(ValueError):
+                return max(0, int(value))
+    return 0
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    """A record taken from a partition and not committed past yet."""
+
+    record: Any
+    deliveries: int
+    handed: bool = False  # given to the consumer as a Delivery (counts against prefetch)
+    settled: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Partition:
+    """What one consume block knows of one partition it owns."""
+
+    tp: Any
+    abandoned_below: int
+    """Its delivery mark when we got it: records below were handed out before us."""
+    mark: int
+    """Our delivery mark, as committed in the marks group."""
+    pending: OrderedDict[int, _Entry] = field(default_factory=OrderedDict)  # offset order
+    unsettled: int = 0
+    taken_to: int = 0  # one past the last record taken
+    position: int | None = None  # the offset to commit: everything before it is settled
+    committed: int | None = None
+    revoked: bool = False
+
+
+class _KafkaDelivery(Delivery):
+    def __init__(
+        self,
+        consumer: _WorkConsumer,
+        partition: _Partition,
+        offset: int,
+        envelope: Envelope,
+        deliveries: int,
+    ) -> None:
+        self.envelope = envelope
+        self.key = _key(partition.pending[offset].record)
+        self.delivery_count = deliveries
+        self._consumer = consumer
+        self._partition = partition
+        self._offset = offset
+
+    async def ack(self) -> None:
+        """Returns at once; the commit follows within a round trip. Acking twice, or
+        after the consumer gave the message back (it is being delivered again), does
+        nothing."""
+        self._consumer._settle(self._partition, self._offset)
+
+    async def dead_letter(self, reason: str) -> None:
+        await self._consumer._dead_letter(self._partition, self._offset, reason)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, consumer: _WorkConsumer) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: set[Any]) -> None:
+        await self._consumer._revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[Any]) -> None:
+        """Nothing to do: a partition's state is made when its first record arrives."""
+
+
+class _WorkConsumer:
+    """One `consume` block: a member of the work group, handing out deliveries while
+    fewer than `prefetch` are unsettled.
+
+    Cancel-safe: fetched records enter the buffer before any other await, and leave it
+    only once taken; publishing and settling a taken record is shielded. So a cancelled
+    `anext()` never lets a commit pass a record that was not settled.
+    """
+
+    def __init__(self, broker: KafkaBroker, prefetch: int) -> None:
+        self._broker = broker
+        self._queue = broker.queue
+        self._prefetch = prefetch
+        self._consumer: Any = None
+        self._partitions: dict[Any, _Partition] = {}
+        # (generation, record): a rebalance bumps the generation, and as aiokafka's
+        # rebalances are eager (every partition revoked, positions reset to the commits),
+        # older records are simply dropped: they will be fetched again.
+        self._buffer: deque[tuple[int, Any]] = deque()
+        self._generation = 0
+        self._outstanding = 0
+        self._room = asyncio.Event()  # set when a delivery settles
+        self._settled = asyncio.Event()
+        self._step = asyncio.Lock()  # one record at a time is taken, requeued, given back
+        self._fetching = asyncio.Lock()  # one fetch at a time keeps each partition in order
+        self._commit_lock = asyncio.Lock()
+        self._commit_wanted = asyncio.Event()
+        self._committer: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._closed = False
+
+    async def start(self) -> None:
+        broker = self._broker
+        await self._queue._marks_consumer()
+        consumer = AIOKafkaConsumer(
+            **broker._consumer_config(),
+            group_id=broker.work_group,
+            auto_offset_reset="earliest",
+            session_timeout_ms=broker.session_timeout_ms,
+            heartbeat_interval_ms=broker.heartbeat_interval_ms,
+        )
+        consumer.subscribe([broker.work_topic], listener=_Rebalance(self))
+        try:
+            with _translated(f"joining consumer group {broker.work_group}"):
+                await consumer.start()  # returns once the group has given us partitions
+        except BaseException:
+            await _stop(consumer)
+            raise
+        self._consumer = consumer
+        self._committer = asyncio.create_task(self._commit_loop())
+        broker._open.add(self)
+
+    async def close(self) -> None:
+        """Gives back every unsettled delivery, commits, leaves the group. Idempotent."""
+        if self._closed:
+            return
+        self._closed = self._stopping = True
+        self._generation += 1
+        self._room.set()
+        self._broker._open.discard(self)
+        try:
+            async with self._step:
+                await self._give_back(list(self._partitions.values()))
+        finally:
+            if self._committer is not None:
+                self._committer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._committer
+            await self._stop_and_leave()
+
+    async def _stop_and_leave(self) -> None:
+        """Stops the consumer, leaving the group. aiokafka sends LeaveGroup only for a
+        generation above 0, and a broker that numbers the first generation 0 (Tansu)
+        would then hold the next member's join until this one's session times out; so
+        in that case we send it. Best effort, as aiokafka's own: a failure is logged."""
+        coordinator = self._consumer._coordinator  # aiokafka 0.14 internals, read only
+        generation, member_id = coordinator.generation, coordinator.member_id
+        node_id = coordinator.coordinator_id
+        await _stop(self._consumer)
+        admin = self._broker._admin
+        if generation == 0 and member_id and node_id is not None and admin is not None:
+            try:
+                with _translated("leaving the consumer group"):
+                    async with self._broker._deadline():
+                        request = LeaveGroupRequest(self._broker.work_group, member_id)
+                        await admin._send_request(request, node_id)
+            except BrokerUnavailable as exc:
+                _log.info("could not leave %s: %s", self._broker.work_group, exc)
+
+    def __aiter__(self) -> _WorkConsumer:
+        return self
+
+    async def __anext__(self) -> Delivery:
+        while True:
+            if self._stopping:
+                raise StopAsyncIteration
+            if self._outstanding >= self._prefetch:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            while self._buffer and self._buffer[0][0] != self._generation:
+                self._buffer.popleft()
+            if not self._buffer:
+                await self._fetch()
+                continue
+            async with self._step:
+                if self._stopping or not self._buffer:
+                    continue
+                item = self._buffer[0]
+                partition = await self._ready(item)
+                if partition is None or not self._buffer or self._buffer[0] is not item:
+                    continue  # a rebalance came while we waited
+                self._buffer.popleft()
+                delivery = await self._take(partition, item[1])
+            if delivery is not None:
+                return delivery
+
+    async def _fetch(self) -> None:
+        async with self._fetching:
+            if self._buffer:
+                return  # another task iterating this block fetched meanwhile
+            generation = self._generation
+            try:
+                with _translated("consuming the work queue"):
+                    batch = await self._consumer.getmany(
+                        timeout_ms=_POLL_MS, max_records=_FETCH_RECORDS
+                    )
+            except ConsumerStoppedError:
+                raise StopAsyncIteration from None
+            if generation == self._generation:  # no await between: nothing fetched is lost
+                for records in batch.values():
+                    self._buffer.extend((generation, record) for record in records)
+
+    async def _ready(self, item: tuple[int, Any]) -> _Partition | None:
+        """The state of the record's partition, with a delivery mark past the record
+        (written before the record is handed out, so that a crash is counted). None if
+        a rebalance made the record stale meanwhile."""
+        generation, record = item
+        tp = TopicPartition(record.topic, record.partition)
+        partition = self._partitions.get(tp)
+        if partition is None:
+            mark = await self._queue._read_mark(tp)
+            if generation != self._generation:
+                return None
+            partition = self._partitions[tp] = _Partition(tp, mark, mark)
+        if record.offset >= partition.mark:
+            # One commit marks everything buffered, for every partition met so far.
+            ends: dict[Any, int] = {}
+            for _, buffered in self._buffer:
+                key = TopicPartition(buffered.topic, buffered.partition)
+                ends[key] = max(ends.get(key, 0), buffered.offset + 1)
+            marks = {
+                key: end
+                for key, end in ends.items()
+                if key in self._partitions and end > self._partitions[key].mark
+            }
+            await self._queue._write_marks(marks)
+            for key, end in marks.items():
+                self._partitions[key].mark = max(self._partitions[key].mark, end)
+        return None if generation != self._generation else partition
+
+    async def _take(self, partition: _Partition, record: Any) -> Delivery | None:
+        """The delivery for `record`, or None when it was requeued or dead-lettered."""
+        offset, deliveries = record.offset, _deliveries(record) + 1
+        partition.pending[offset] = _Entry(record, deliveries)
+        partition.unsettled += 1
+        partition.taken_to = offset + 1
+        if offset < partition.abandoned_below:
+            # Handed out before by a consumer that died without settling it: that was a
+            # delivery, so it goes back with its count (or to the dead letters).
+            await asyncio.shield(self._resolve(partition, offset, None))
+            return None
+        try:
+            envelope = decode(record.value or b"")
+        except InvalidMessage as exc:
+            await asyncio.shield(self._resolve(partition, offset, str(exc)))
+            return None
+        partition.pending[offset].handed = True
+        self._outstanding += 1
+        return _KafkaDelivery(self, partition, offset, envelope, deliveries)
+
+    async def _resolve(self, partition: _Partition, offset: int, reason: str | None) -> None:
+        """Dead-letters a taken record with `reason`, or gives it back (reason None),
+        then settles it."""
+        entry = partition.pending[offset]
+        if reason is None:
+            await self._queue._give_back(entry.record, entry.deliveries)
+        else:
+            await self._queue._dead_letter(entry.record, reason, entry.deliveries)
+        self._settle(partition, offset)
+
+    def _settle(self, partition: _Partition, offset: int) -> bool:
+        """Marks a taken record settled and moves the partition's commit position over
+        every settled record at its head. False if it was settled already."""
+        entry = partition.pending.get(offset)
+        if entry is None or entry.settled:
+            return False
+        entry.settled = True
+        partition.unsettled -= 1
+        if entry.handed:
+            self._outstanding -= 1
+            self._room.set()
+        pending = partition.pending
+        while pending:
+            first = next(iter(pending))  # O(1) on an OrderedDict, even after many pops
+            if not pending[first].settled:
+                break
+            del pending[first]
+            partition.position = first + 1
+        self._settled.set()
+        self._commit_wanted.set()
+        return True
+
+    async def _dead_letter(self, partition: _Partition, offset: int, reason: str) -> None:
+        async with self._step:  # not given back by a rebalance while it is dead-lettered
+            entry = partition.pending.get(offset)
+            if entry is None or entry.settled or partition.revoked:
+                _log.info("dead_letter after the message was given back: ignored")
+                return
+            await asyncio.shield(self._resolve(partition, offset, reason))
+
+    async def _revoked(self, revoked: set[Any]) -> None:
+        """A rebalance takes `revoked` away: wait up to a grace for the pending acks,
+        give back the rest, commit, and forget those partitions."""
+        self._generation += 1
+        grace = self._broker.session_timeout_ms / 4000
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while any(p.unsettled for tp, p in self._partitions.items() if tp in revoked):
+                    self._settled.clear()
+                    await self._settled.wait()
+        async with self._step:
+            partitions = [p for tp, p in self._partitions.items() if tp in revoked]
+            try:
+                await self._give_back(partitions)
+            finally:
+                for partition in partitions:
+                    del self._partitions[partition.tp]
+                    partition.revoked = True
+                    for entry in partition.pending.values():  # left for the next owner
+                        if entry.handed and not entry.settled:
+                            self._outstanding -= 1
+                    partition.pending.clear()
+                self._room.set()
+
+    async def _give_back(self, partitions: list[_Partition]) -> None:
+        """With `_step` held: requeues (or dead-letters) every unsettled record of
+        `partitions`, commits, and lowers the delivery marks to what was taken. A broker
+        failure is logged: those records stay uncommitted, and their next owner counts
+        them by the marks."""
+        try:
+            for partition in partitions:
+                for offset, entry in list(partition.pending.items()):
+                    if not entry.settled:
+                        await self._resolve(partition, offset, None)
+            await self._commit(partitions)
+            await self._queue._write_marks(
+                {
+                    p.tp: max(p.taken_to, p.abandoned_below)
+                    for p in partitions
+                    if p.mark > max(p.taken_to, p.abandoned_below)
+                }
+            )
+        except BrokerUnavailable as exc:
+            _log.warning("could not give back unacked work messages: %s", exc)
+
+    async def _commit(self, partitions: Iterable[_Partition]) -> None:
+        async with self._commit_lock:
+            offsets = {
+                p.tp: p.position
+                for p in partitions
+                if not p.revoked and p.position is not None and p.position != p.committed
+            }
+            if not offsets:
+                return
+            with _translated("committing acked work messages"):
+                try:
+                    async with self._broker._deadline():
+                        await self._consumer.commit(offsets)
+                except (CommitFailedError, IllegalStateError) as exc:
+                    _log.info("commit refused after a rebalance (redelivery follows): %s", exc)
+                    return
+            for partition in partitions:
+                if partition.tp in offsets:
+                    partition.committed = offsets[partition.tp]
+
+    async def _commit_loop(self) -> None:
+        """Commits settled offsets shortly after they settle: the acks of a short window
+        (`_COMMIT_DELAY`) and those made during a commit share one commit."""
+        while True:
+            await self._commit_wanted.wait()
+            await asyncio.sleep(_COMMIT_DELAY)
+            self._commit_wanted.clear()
+            try:
+                await self._commit(list(self._partitions.values()))
+            except BrokerUnavailable as exc:
+                _log.warning("committing acked work messages failed, retrying: %s", exc)
+                await asyncio.sleep(1)
+                self._commit_wanted.set()
