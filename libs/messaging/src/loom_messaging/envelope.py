@@ -24,6 +24,7 @@ MAX_MESSAGE_BYTES = 64 * 1024
 """Every other message is small; this cap keeps a bug from flooding a broker."""
 
 _REQUIRED = ("type", "version", "id", "ts", "data")
+_REQUIRED_KEYS = frozenset(_REQUIRED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,28 @@ class Envelope:
     ts: str
     trace: dict[str, str]
     data: dict[str, Any]
+
+
+_new = object.__new__
+_set_type, _set_version, _set_id, _set_ts, _set_trace, _set_data = (
+    getattr(Envelope, name).__set__ for name in ("type", "version", "id", "ts", "trace", "data")
+)
+
+
+def _envelope(
+    type_: str, version: int, id_: str, ts: str, trace: dict[str, str], data: dict[str, Any]
+) -> Envelope:
+    """`Envelope(...)` for `decode`, about twice as fast: it sets the slots directly
+    rather than through the frozen dataclass's `object.__setattr__` calls (Envelope has
+    no `__post_init__`, so the result is the same)."""
+    envelope = _new(Envelope)
+    _set_type(envelope, type_)
+    _set_version(envelope, version)
+    _set_id(envelope, id_)
+    _set_ts(envelope, ts)
+    _set_trace(envelope, trace)
+    _set_data(envelope, data)
+    return envelope
 
 
 def cap_for(type: str) -> int:
@@ -54,27 +77,24 @@ def encode(type: str, data: dict[str, Any], *, trace: dict[str, str] | None = No
 def decode(body: bytes) -> Envelope:
     """The envelope in `body`. Raises `InvalidMessage` saying why it cannot be accepted:
     not JSON, not an envelope, an unknown type or version, over its byte cap."""
-    if len(body) > LOG_BATCH_MAX_BYTES:
-        raise InvalidMessage(
-            f"message of {len(body)} bytes is over the cap of {LOG_BATCH_MAX_BYTES}"
-        )
+    size = len(body)
+    if size > LOG_BATCH_MAX_BYTES:
+        raise InvalidMessage(f"message of {size} bytes is over the cap of {LOG_BATCH_MAX_BYTES}")
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidMessage(f"not JSON: {exc}") from None
-    if not isinstance(raw, dict) or any(key not in raw for key in _REQUIRED):
+    if not isinstance(raw, dict) or not raw.keys() >= _REQUIRED_KEYS:
         raise InvalidMessage(f"not an envelope: needs {', '.join(_REQUIRED)}")
     type_, version = raw["type"], raw["version"]
     if type_ not in MESSAGE_TYPES:
         raise InvalidMessage(f"unknown message type {type_!r}")
-    if version != MESSAGE_TYPES[type_]:
-        raise InvalidMessage(
-            f"unsupported version {version!r} of {type_} (expected {MESSAGE_TYPES[type_]})"
-        )
-    if len(body) > cap_for(type_):
-        raise InvalidMessage(f"{type_} of {len(body)} bytes is over its cap of {cap_for(type_)}")
-    if not isinstance(raw["data"], dict) or not isinstance(raw.get("trace") or {}, dict):
+    expected = MESSAGE_TYPES[type_]
+    if version != expected:
+        raise InvalidMessage(f"unsupported version {version!r} of {type_} (expected {expected})")
+    if size > MAX_MESSAGE_BYTES and size > cap_for(type_):  # every cap is >= MAX_MESSAGE_BYTES
+        raise InvalidMessage(f"{type_} of {size} bytes is over its cap of {cap_for(type_)}")
+    data, trace = raw["data"], raw.get("trace") or {}
+    if not isinstance(data, dict) or not isinstance(trace, dict):
         raise InvalidMessage("an envelope's data and trace must be objects")
-    return Envelope(
-        type_, version, str(raw["id"]), str(raw["ts"]), raw.get("trace") or {}, raw["data"]
-    )
+    return _envelope(type_, version, str(raw["id"]), str(raw["ts"]), trace, data)

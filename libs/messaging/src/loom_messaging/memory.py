@@ -21,7 +21,7 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -86,6 +86,11 @@ class _State:
         self.ready.append(message)
         self.wake_consumers()
 
+    def enqueue_many(self, messages: Iterable[_Message]) -> None:
+        """`enqueue` each of `messages`, waking the consumers once."""
+        self.ready.extend(messages)
+        self.wake_consumers()
+
     def wake_consumers(self) -> None:
         for consumer in self.consumers:
             consumer.waker.wake()
@@ -138,26 +143,31 @@ class _Consumer:
         return self
 
     async def __anext__(self) -> Delivery:
+        ready, unacked = self.state.ready, self.unacked
         while True:
             if self.stopped:
                 raise StopAsyncIteration
-            if len(self.unacked) < self.prefetch and self.state.ready:
-                message = self.state.ready.popleft()
+            if ready and len(unacked) < self.prefetch:
+                message = ready.popleft()
                 message.deliveries += 1
                 try:
                     envelope = decode(message.body)
                 except InvalidMessage as exc:
                     self.state.dead_letter(message, str(exc))
                     continue
-                self.unacked[id(message)] = message
+                unacked[id(message)] = message
                 return _MemoryDelivery(self, message, envelope)
             await self.waker.wait()
 
     def settle(self, message: _Message) -> bool:
         """Forget an acked or dead-lettered delivery; False if it was not held."""
-        if self.unacked.pop(id(message), None) is None:
+        unacked = self.unacked
+        if unacked.pop(id(message), None) is None:
             return False
-        self.waker.wake()  # a prefetch slot is free
+        if len(unacked) == self.prefetch - 1:
+            # It was full, so may be waiting for this free slot; when it was not full, it
+            # waits only for ready messages, and `enqueue` wakes it for those.
+            self.waker.wake()
         return True
 
     def stop(self) -> None:
@@ -244,8 +254,7 @@ class _Queue(WorkQueue):
 
     async def publish_batch(self, items: Sequence[tuple[bytes, str]]) -> None:
         state = self._broker._state()
-        for body, key in items:
-            state.enqueue(_Message(body, key))
+        state.enqueue_many([_Message(body, key) for body, key in items])
         await asyncio.sleep(0)
 
     def consume(
