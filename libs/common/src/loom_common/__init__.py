@@ -36,7 +36,7 @@ from loom_common.graph import CompiledNode, Graph, TriggerInfo, load_graph
 from loom_common.logs import bind_log_context, configure_logging, log_context
 from loom_common.messages import CHANNEL_OF, MESSAGE_TYPES, encode_envelope
 from loom_common.params import check_param_value, parse_param_text, resolve_params
-from loom_common.settings import LoomSettings, load_settings
+from loom_common.settings import LoomSettings, load_service_settings, load_settings
 from loom_common.spec import GraphSpec, NodeSpec, ParamSpec
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "format_duration",
     "format_instant",
     "load_graph",
+    "load_service_settings",
     "load_settings",
     "log_context",
     "next_every",

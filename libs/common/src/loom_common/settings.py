@@ -23,7 +23,7 @@ import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -36,7 +36,14 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 
 from loom_common.errors import SettingsError
 
-__all__ = ["CONFIG_ENV_VAR", "DEFAULT_CONFIG_FILE", "LoomSettings", "load_settings"]
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "DEFAULT_CONFIG_FILE",
+    "SERVICE_SETTING_PREFIXES",
+    "LoomSettings",
+    "load_service_settings",
+    "load_settings",
+]
 
 ENV_PREFIX = "LOOM_"
 CONFIG_ENV_VAR = "LOOM_CONFIG"
@@ -50,6 +57,26 @@ _CONFIG_FILES: ContextVar[tuple[Path, ...] | None] = ContextVar("loom_config_fil
 
 _LOG_LEVELS = frozenset(logging.getLevelNamesMapping())
 _LEVEL_ORDER = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+SERVICE_SETTING_PREFIXES = ("rest_", "webhook_", "timer_", "websocket_")
+"""A service's own settings (a `LoomSettings` subclass in its `settings.py`) start with its
+prefix. One `loom.toml` serves every service, so a key with another service's prefix is
+left to that service instead of being an unknown key here."""
+
+_S = TypeVar("_S", bound="LoomSettings")
+
+
+class _TomlSource(TomlConfigSettingsSource):
+    """`loom.toml`, less the keys that belong to another service's settings."""
+
+    def __call__(self) -> dict[str, Any]:
+        known = self.settings_cls.model_fields
+        return {
+            key: value
+            for key, value in super().__call__().items()
+            if key in known or not key.startswith(SERVICE_SETTING_PREFIXES)
+        }
 
 
 def _cpu_count() -> int:
@@ -78,6 +105,9 @@ class LoomSettings(BaseSettings):
     lease_seconds: int = Field(default=30, ge=1)
     shutdown_grace: float = Field(default=25.0, ge=0)
     data_dir: Path = Path(".loom")
+    admin_password: SecretStr | None = None
+    """The first admin's password on an empty database (else one is generated and logged
+    once)."""
 
     @field_validator("log_level")
     @classmethod
@@ -87,7 +117,7 @@ class LoomSettings(BaseSettings):
             raise ValueError(f"unknown log level {value!r}; use one of {', '.join(_LEVEL_ORDER)}")
         return level
 
-    @field_validator("secret_key")
+    @field_validator("secret_key", "admin_password")
     @classmethod
     def _non_empty_secret(cls, value: SecretStr | None) -> SecretStr | None:
         # An empty LOOM_SECRET_KEY is most likely a Secret that failed to mount: signing
@@ -111,7 +141,7 @@ class LoomSettings(BaseSettings):
         if files is None:
             found = _find_config_file(None)
             files = (found,) if found is not None else ()
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=files)
+        return init_settings, env_settings, _TomlSource(settings_cls, toml_file=files)
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> LoomSettings:
@@ -125,12 +155,20 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> LoomSett
             value from any source is invalid, or a key is unknown. Every problem is listed,
             one per line, as ``<source>: <setting>: <message>``.
     """
+    return load_service_settings(LoomSettings, config_file, **overrides)
+
+
+def load_service_settings(
+    settings_class: type[_S], config_file: Path | None = None, **overrides: Any
+) -> _S:
+    """`load_settings` for a service's `LoomSettings` subclass (its `settings.py`); raises
+    the same way."""
     path = _find_config_file(config_file)
     file_values = _read_toml(path) if path is not None else {}
     flags = {name: value for name, value in overrides.items() if value is not None}
     token = _CONFIG_FILES.set((path,) if path is not None else ())
     try:
-        return LoomSettings(**flags)
+        return settings_class(**flags)
     except ValidationError as exc:
         problems = (_describe(error, flags, file_values, path) for error in exc.errors())
         raise SettingsError("\n".join(problems)) from None

@@ -42,6 +42,7 @@ __all__ = [
     "ensure_admin",
     "get_password_hash",
     "get_user",
+    "has_users",
     "get_user_by_id",
     "list_users",
     "role_rank",
@@ -125,6 +126,11 @@ async def ensure_admin(conn: AsyncConnection, password_hash: str) -> bool:
         detail={"role": "admin", "first_start": True},
     )
     return True
+
+
+async def has_users(conn: AsyncConnection) -> bool:
+    """Whether any user exists (a cheap check before hashing a first admin's password)."""
+    return (await conn.execute(select(users.c.id).limit(1))).first() is not None
 
 
 async def get_user(conn: AsyncConnection, username: str) -> UserRecord:

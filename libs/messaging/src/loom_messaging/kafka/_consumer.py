@@ -1,6 +1,14 @@
 """One `consume` block of the work queue: a work-group member that hands out deliveries,
 settles acks in any order, commits the contiguous settled offsets, and gives back what is
 left unsettled on close or rebalance.
+
+Delivery marks are pipelined: a background reader fetches the next batch (at most
+`_FETCH_RECORDS` records) once fewer than `_FETCH_RECORDS` are left in the buffer, and
+commits the marks covering it while the records before it are handed out. A record is
+never handed out before a committed mark covers it, so the buffer holds at most
+``2 * _FETCH_RECORDS - 1`` records marked but not handed out: what a crash over-counts
+(beside the acked records not committed yet), as RabbitMQ counts every message pushed
+into a dead consumer's prefetch buffer as delivered.
 """
 
 from __future__ import annotations
@@ -32,13 +40,13 @@ from loom_messaging.kafka._common import _POLL_MS, DELIVERIES_HEADER, _key, _log
 if TYPE_CHECKING:
     from loom_messaging.kafka._broker import KafkaBroker
 
-_FETCH_RECORDS = 100  # records per fetched work batch: one delivery mark per batch
+_FETCH_RECORDS = 250  # records per fetch; one delivery-marks commit per fetch
 _COMMIT_DELAY = 0.05  # acks of this window share a commit: a crash redelivers them
 
 
-def _deliveries(record: Any) -> int:
+def _deliveries(headers: Any) -> int:
     """Deliveries a work record has had before this one (its `x-loom-deliveries`)."""
-    for name, value in record.headers or ():
+    for name, value in headers:
         if name == DELIVERIES_HEADER:
             with contextlib.suppress(ValueError):
                 return max(0, int(value))
@@ -73,16 +81,19 @@ class _Partition:
 
 
 class _KafkaDelivery(Delivery):
+    __slots__ = ("_consumer", "_offset", "_partition", "delivery_count", "envelope", "key")
+
     def __init__(
         self,
         consumer: _WorkConsumer,
         partition: _Partition,
         offset: int,
+        key: bytes | None,
         envelope: Envelope,
         deliveries: int,
     ) -> None:
         self.envelope = envelope
-        self.key = _key(partition.pending[offset].record)
+        self.key = key.decode("utf-8", "replace") if key else ""
         self.delivery_count = deliveries
         self._consumer = consumer
         self._partition = partition
@@ -113,9 +124,17 @@ class _WorkConsumer:
     """One `consume` block: a member of the work group, handing out deliveries while
     fewer than `prefetch` are unsettled.
 
-    Cancel-safe: fetched records enter the buffer before any other await, and leave it
-    only once taken; publishing and settling a taken record is shielded. So a cancelled
-    `anext()` never lets a commit pass a record that was not settled.
+    Fetching and marking run in one background reader at a time (`_read`): it fetches up
+    to `_FETCH_RECORDS` records into the buffer, then commits the delivery marks past
+    everything buffered. `anext()` starts the next reader as soon as fewer than
+    `_FETCH_RECORDS` records are left, so the next batch's marks are written while the
+    current batch is handed out; it hands out only a record below its partition's
+    committed mark, and waits for the reader otherwise (raising what the reader raised).
+
+    Cancel-safe: fetched records enter the buffer before any other await (in the
+    reader, which a cancelled `anext()` does not cancel), and leave it only once taken;
+    publishing and settling a taken record is shielded. So a cancelled `anext()` never
+    lets a commit pass a record that was not settled.
     """
 
     def __init__(self, broker: KafkaBroker, prefetch: int) -> None:
@@ -124,16 +143,18 @@ class _WorkConsumer:
         self._prefetch = prefetch
         self._consumer: Any = None
         self._partitions: dict[Any, _Partition] = {}
-        # (generation, record): a rebalance bumps the generation, and as aiokafka's
-        # rebalances are eager (every partition revoked, positions reset to the commits),
-        # older records are simply dropped: they will be fetched again.
-        self._buffer: deque[tuple[int, Any]] = deque()
+        # (generation, partition, record): a rebalance bumps the generation, and as
+        # aiokafka's rebalances are eager (every partition revoked, positions reset to the
+        # commits), older records are simply dropped: they will be fetched again.
+        self._buffer: deque[tuple[int, Any, Any]] = deque()
+        self._fetched_to: dict[Any, int] = {}  # this generation: one past the last buffered
         self._generation = 0
+        self._reader: asyncio.Task[None] | None = None  # left here when it failed
+        self._marking: asyncio.Task[None] | None = None  # the reader's marks, in flight
         self._outstanding = 0
         self._room = asyncio.Event()  # set when a delivery settles
         self._settled = asyncio.Event()
         self._step = asyncio.Lock()  # one record at a time is taken, requeued, given back
-        self._fetching = asyncio.Lock()  # one fetch at a time keeps each partition in order
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
         self._committer: asyncio.Task[None] | None = None
@@ -166,17 +187,17 @@ class _WorkConsumer:
         if self._closed:
             return
         self._closed = self._stopping = True
-        self._generation += 1
+        self._new_generation()
         self._room.set()
         self._broker._open.discard(self)
         try:
             async with self._step:
                 await self._give_back(list(self._partitions.values()))
         finally:
-            if self._committer is not None:
-                self._committer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._committer
+            for task in (self._committer, self._reader):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await self._stop_and_leave()
 
     async def _stop_and_leave(self) -> None:
@@ -202,6 +223,7 @@ class _WorkConsumer:
         return self
 
     async def __anext__(self) -> Delivery:
+        buffer = self._buffer
         while True:
             if self._stopping:
                 raise StopAsyncIteration
@@ -209,71 +231,97 @@ class _WorkConsumer:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            while self._buffer and self._buffer[0][0] != self._generation:
-                self._buffer.popleft()
-            if not self._buffer:
-                await self._fetch()
-                continue
-            async with self._step:
-                if self._stopping or not self._buffer:
+            async with self._step:  # no suspension when free, as it mostly is
+                if self._stopping:
                     continue
-                item = self._buffer[0]
-                partition = await self._ready(item)
-                if partition is None or not self._buffer or self._buffer[0] is not item:
-                    continue  # a rebalance came while we waited
-                self._buffer.popleft()
-                delivery = await self._take(partition, item[1])
-            if delivery is not None:
-                return delivery
+                generation = self._generation
+                while buffer and buffer[0][0] != generation:
+                    buffer.popleft()
+                if buffer:
+                    _, tp, record = buffer[0]
+                    partition = self._partitions.get(tp)
+                    if partition is not None and record.offset < partition.mark:
+                        buffer.popleft()
+                        if self._reader is None and len(buffer) < _FETCH_RECORDS:
+                            self._read_ahead()  # its marks are written while we hand out
+                        delivery = await self._take(partition, record)
+                        if delivery is not None:
+                            return delivery
+                        continue
+            await self._wait_for_reader()
 
-    async def _fetch(self) -> None:
-        async with self._fetching:
-            if self._buffer:
-                return  # another task iterating this block fetched meanwhile
-            generation = self._generation
-            try:
-                with _translated("consuming the work queue"):
-                    batch = await self._consumer.getmany(
-                        timeout_ms=_POLL_MS, max_records=_FETCH_RECORDS
-                    )
-            except ConsumerStoppedError:
-                raise StopAsyncIteration from None
+    def _read_ahead(self) -> asyncio.Task[None]:
+        reader = self._reader = asyncio.create_task(self._read())
+        return reader
+
+    async def _wait_for_reader(self) -> None:
+        """Waits for the reader (starting one if none runs) to fetch and mark more
+        records. Raises what it raised; our cancellation leaves it running."""
+        reader = self._reader or self._read_ahead()
+        await asyncio.wait((reader,))
+        if self._reader is reader:
+            self._reader = None  # a failed reader is replaced by the next wait
+        if not reader.cancelled() and (exc := reader.exception()) is not None:
+            raise exc
+
+    async def _read(self) -> None:
+        """The reader: fetches up to `_FETCH_RECORDS` records into the buffer (waiting up
+        to a poll for some), then commits delivery marks past everything buffered, for
+        every partition met so far (reading first the mark of a partition met for the
+        first time). Clears `_reader` when it succeeds; a failure stays for a waiter."""
+        generation = self._generation
+        try:
+            with _translated("consuming the work queue"):
+                batch = await self._consumer.getmany(
+                    timeout_ms=_POLL_MS, max_records=_FETCH_RECORDS
+                )
+        except ConsumerStoppedError:
+            self._stopping = True
+            self._room.set()
+        else:
             if generation == self._generation:  # no await between: nothing fetched is lost
-                for records in batch.values():
-                    self._buffer.extend((generation, record) for record in records)
+                buffer, fetched_to = self._buffer, self._fetched_to
+                for tp, records in batch.items():
+                    buffer.extend(zip(repeat(generation), repeat(tp), records))
+                    fetched_to[tp] = records[-1].offset + 1
+                if not self._stopping:
+                    self._marking = asyncio.ensure_future(self._mark(generation))
+                    await self._marking
+        if self._reader is asyncio.current_task():
+            self._reader = None
 
-    async def _ready(self, item: tuple[int, Any]) -> _Partition | None:
-        """The state of the record's partition, with a delivery mark past the record
-        (written before the record is handed out, so that a crash is counted). None if
-        a rebalance made the record stale meanwhile."""
-        generation, record = item
-        tp = TopicPartition(record.topic, record.partition)
-        partition = self._partitions.get(tp)
-        if partition is None:
+    async def _mark(self, generation: int) -> None:
+        """Commits, in one request, a delivery mark past every buffered record of this
+        generation, so that a crash is counted. The marks are raised only once committed:
+        no record is handed out before its mark is."""
+        partitions = self._partitions
+        for tp in [tp for tp in self._fetched_to if tp not in partitions]:
             mark = await self._queue._read_mark(tp)
             if generation != self._generation:
-                return None
-            partition = self._partitions[tp] = _Partition(tp, mark, mark)
-        if record.offset >= partition.mark:
-            # One commit marks everything buffered, for every partition met so far.
-            ends: dict[Any, int] = {}
-            for _, buffered in self._buffer:
-                key = TopicPartition(buffered.topic, buffered.partition)
-                ends[key] = max(ends.get(key, 0), buffered.offset + 1)
-            marks = {
-                key: end
-                for key, end in ends.items()
-                if key in self._partitions and end > self._partitions[key].mark
-            }
-            await self._queue._write_marks(marks)
-            for key, end in marks.items():
-                self._partitions[key].mark = max(self._partitions[key].mark, end)
-        return None if generation != self._generation else partition
+                return
+            partitions[tp] = _Partition(tp, mark, mark)
+        if generation != self._generation:
+            return
+        marks = {
+            partitions[tp]: end
+            for tp, end in self._fetched_to.items()
+            if tp in partitions and end > partitions[tp].mark
+        }
+        if marks:
+            await self._queue._write_marks({p.tp: end for p, end in marks.items()})
+            for partition, end in marks.items():
+                partition.mark = max(partition.mark, end)
+
+    def _new_generation(self) -> None:
+        """Makes everything fetched so far stale (a rebalance or close)."""
+        self._generation += 1
+        self._fetched_to.clear()
 
     async def _take(self, partition: _Partition, record: Any) -> Delivery | None:
         """The delivery for `record`, or None when it was requeued or dead-lettered."""
-        offset, deliveries = record.offset, _deliveries(record) + 1
-        partition.pending[offset] = _Entry(record, deliveries)
+        offset, headers = record.offset, record.headers
+        deliveries = _deliveries(headers) + 1 if headers else 1
+        entry = partition.pending[offset] = _Entry(record, deliveries)
         partition.unsettled += 1
         partition.taken_to = offset + 1
         if offset < partition.abandoned_below:
@@ -286,9 +334,9 @@ class _WorkConsumer:
         except InvalidMessage as exc:
             await asyncio.shield(self._resolve(partition, offset, str(exc)))
             return None
-        partition.pending[offset].handed = True
+        entry.handed = True
         self._outstanding += 1
-        return _KafkaDelivery(self, partition, offset, envelope, deliveries)
+        return _KafkaDelivery(self, partition, offset, record.key, envelope, deliveries)
 
     async def _resolve(self, partition: _Partition, offset: int, reason: str | None) -> None:
         """Dead-letters a taken record with `reason`, or gives it back (reason None),

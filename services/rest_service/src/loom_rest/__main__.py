@@ -1,0 +1,3 @@
+from loom_rest.serve import main
+
+main()

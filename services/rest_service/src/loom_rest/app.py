@@ -1,0 +1,85 @@
+"""`create_app(runtime)`: the Starlette app of the REST service (DESIGN §2, §5)."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from loom_auth import BearerAuthBackend, Principal, parse_role
+from loom_db import tokens
+from loom_rest.api import endpoint_app
+from loom_rest.metrics import RestMetrics
+from loom_rest.openapi import openapi_document
+from loom_rest.problems import ApiProblem, problem_for
+from loom_rest.routes import ENDPOINTS
+from loom_rest.routes.meta import VERSION
+from loom_rest.runtime import Runtime
+
+__all__ = ["create_app"]
+
+_log = logging.getLogger("loom.rest")
+
+
+def create_app(runtime: Runtime) -> Starlette:
+    """The API over `runtime`'s database, brokers and registry. Starts nothing: the
+    runtime's owner opens and closes the collaborators."""
+    database = runtime.database
+
+    async def lookup_api_token(token_hash: str) -> Principal | None:
+        async with database.transaction() as conn:
+            found = await tokens.find_api_token(conn, token_hash)
+        if found is None:
+            return None
+        token, user = found
+        return Principal(
+            username=user.username, role=parse_role(token.role), kind="api", token_id=token.id
+        )
+
+    backend = BearerAuthBackend(runtime.signing_key, lookup_api_token)
+    metrics = RestMetrics(runtime.registry)
+    routes = [
+        Route(e.path, endpoint_app(e, runtime, backend, metrics.observe), methods=[e.method])
+        for e in ENDPOINTS
+    ]
+    middleware = []
+    if runtime.settings.rest_cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=runtime.settings.rest_cors_origins,
+                allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Accept"],
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error, Exception: _unexpected},
+    )
+    app.state.runtime = runtime
+    app.state.openapi = openapi_document(ENDPOINTS, VERSION)
+    return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Routing errors (unknown path 404, wrong method 405) as problem details."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        detail = f"no route {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        detail = str(exc.detail)
+    return ApiProblem(exc.status_code, detail, headers=exc.headers).response()
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    return problem_for(exc)

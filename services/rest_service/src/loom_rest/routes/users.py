@@ -1,0 +1,7 @@
+"""users routes."""
+
+from __future__ import annotations
+
+from loom_rest.api import Endpoint
+
+ENDPOINTS: list[Endpoint] = []
