@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from loom_common.errors import SettingsError
-from loom_common.settings import LoomSettings, load_settings
+from loom_common.settings import LoomSettings, load_service_settings, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +115,23 @@ def test_unknown_key_in_loom_toml_is_an_error(tmp_path: Path) -> None:
         load_settings()
 
     assert str(caught.value) == "loom.toml: worker_slot: Extra inputs are not permitted"
+
+
+class _ServiceSettings(LoomSettings):
+    rest_port: int = 8080
+
+
+def test_one_loom_toml_serves_every_service(tmp_path: Path) -> None:
+    """A service's own keys (its prefix) are left to it; a typo in one is still an error
+    for that service, and an unprefixed typo for everyone."""
+    write_toml(tmp_path / "loom.toml", "worker_slots = 3\nrest_port = 9000\n")
+
+    assert load_settings().worker_slots == 3
+    assert load_service_settings(_ServiceSettings).rest_port == 9000
+
+    write_toml(tmp_path / "loom.toml", "rest_prot = 9000\n")
+    with pytest.raises(SettingsError, match="rest_prot: Extra inputs are not permitted"):
+        load_service_settings(_ServiceSettings)
 
 
 def test_bad_value_in_loom_toml_names_file_and_setting(tmp_path: Path) -> None:

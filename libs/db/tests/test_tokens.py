@@ -19,6 +19,7 @@ from loom_db.tokens import (
     ApiTokenRecord,
     create_api_token,
     create_family,
+    family_user_id,
     find_api_token,
     list_api_tokens,
     revoke_api_token,
@@ -304,3 +305,18 @@ async def test_the_audit_log_never_holds_hashes_tokens_or_jtis(db: Database) -> 
     assert len(entries) >= 4
     for secret in (HASH_A, "jti-secret", "pw-hash"):
         assert secret not in dump
+
+
+async def test_a_family_names_its_user_and_logout_everywhere_can_keep_one(db: Database) -> None:
+    alice = await _user(db, "alice", "viewer")
+    for family in ("f1", "f2", "f3"):
+        await _family(db, alice, family, "j")
+    async with db.transaction() as conn:
+        assert await family_user_id(conn, "f2") == alice.id
+        with pytest.raises(NotFound):
+            await family_user_id(conn, "nope")
+        assert await revoke_user_families(conn, alice.id, keep="f2", by="alice") == 2
+        assert await rotate_family(conn, "f1", "j", "k") == "revoked"
+        assert await rotate_family(conn, "f3", "j", "k") == "revoked"
+        assert await rotate_family(conn, "f2", "j", "k") == "rotated"
+        assert await family_user_id(conn, "f1") == alice.id  # a revoked family still names it

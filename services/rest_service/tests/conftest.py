@@ -18,10 +18,10 @@ from loom_db.keys import derive_keys
 from loom_db.testing import (  # noqa: F401  (fixtures, found by pytest by name)
     _postgres_schema,
     _sqlite_template,
-    db,
     fresh_postgres_database,
     postgres_url,
 )
+from loom_db.testing import db as db  # the fixture, re-exported under its own name
 from loom_messaging import Broker, open_broker
 from loom_rest import RestSettings, Runtime, create_app
 
@@ -86,10 +86,10 @@ class Clients:
         return getattr(self, who)  # type: ignore[no-any-return]
 
 
-async def create_users(db: Database) -> None:
+async def create_users(database: Database) -> None:
     """One user per role, named after it, with `PASSWORD`."""
     hashed = hash_password(PASSWORD)
-    async with db.transaction() as conn:
+    async with database.transaction() as conn:
         for role in ROLES:
             await users.create_user(conn, role, hashed, role, by=None)
 
@@ -102,9 +102,9 @@ async def login(client: httpx.AsyncClient, username: str) -> str:
     return str(answer.json()["access_token"])
 
 
-async def api_token(db: Database, username: str, role: str) -> str:
+async def api_token(database: Database, username: str, role: str) -> str:
     token = new_api_token()
-    async with db.transaction() as conn:
+    async with database.transaction() as conn:
         user = await users.get_user(conn, username)
         await tokens.create_api_token(
             conn,

@@ -62,7 +62,8 @@ _LEVEL_ORDER = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 SERVICE_SETTING_PREFIXES = ("rest_", "webhook_", "timer_", "websocket_")
 """A service's own settings (a `LoomSettings` subclass in its `settings.py`) start with its
 prefix. One `loom.toml` serves every service, so a key with another service's prefix is
-left to that service instead of being an unknown key here."""
+left to that service instead of being an unknown key here (a typo in a key of the service's
+own prefix is still an error)."""
 
 _S = TypeVar("_S", bound="LoomSettings")
 
@@ -72,10 +73,12 @@ class _TomlSource(TomlConfigSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         known = self.settings_cls.model_fields
+        own = {p for p in SERVICE_SETTING_PREFIXES if any(name.startswith(p) for name in known)}
+        others = tuple(set(SERVICE_SETTING_PREFIXES) - own)
         return {
             key: value
             for key, value in super().__call__().items()
-            if key in known or not key.startswith(SERVICE_SETTING_PREFIXES)
+            if key in known or not key.startswith(others)
         }
 
 

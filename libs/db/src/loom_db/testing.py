@@ -14,8 +14,12 @@ Needs pytest (a dev dependency): never imported by a service's code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import subprocess
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -36,8 +40,10 @@ __all__ = [
     "create_schema",
     "db",
     "empty_database_url",
+    "PrivatePostgres",
     "fresh_postgres_database",
     "postgres_url",
+    "private_postgres",
     "require_services",
 ]
 
@@ -129,3 +135,73 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
             async with database.transaction() as conn:
                 await conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
         await database.dispose()
+
+
+# --- a private PostgreSQL server, for tests that stop it (DESIGN §14) -------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (`initdb` in a temporary directory, a free
+    port, trust auth), never the shared one: tests stop and start it to cut the database
+    away from the code under test. Runs as user `postgres` when the test runs as root
+    (initdb refuses root). Skips (fails in CI) where PostgreSQL's binaries are missing."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.data = directory / "data"
+        self.port = _free_port()
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_postgres = os.geteuid() == 0
+
+    def _run(self, *args: str) -> None:
+        command = list(args)
+        if self._as_postgres:
+            command = ["runuser", "-u", "postgres", "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stderr or done.stdout}")
+
+    def init(self) -> None:
+        if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+            if require_services():
+                pytest.fail("initdb/pg_ctl not found and LOOM_TEST_REQUIRE_SERVICES=1")
+            pytest.skip("PostgreSQL's initdb/pg_ctl are not installed")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self._as_postgres:
+            shutil.chown(self.directory, "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",
+                  "-E", "UTF8", "--locale=C", "--no-sync")  # fmt: skip
+
+    def start(self) -> None:
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.directory} -c fsync=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "server.log"),
+                  "-o", options, "-w", "-t", "30", "start")  # fmt: skip
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def stop_quietly(self) -> None:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            self.stop()
+
+
+@contextmanager
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A started `PrivatePostgres`, stopped and removed at the end. Its directory is made
+    in the system's temporary directory, not under pytest's `tmp_path` (which user
+    `postgres` may not enter)."""
+    directory = Path(tempfile.mkdtemp(prefix="loom-pg-"))
+    server = PrivatePostgres(directory)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.stop_quietly()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -35,6 +35,7 @@ __all__ = [
     "RotateOutcome",
     "create_api_token",
     "create_family",
+    "family_user_id",
     "find_api_token",
     "list_api_tokens",
     "revoke_api_token",
@@ -377,12 +378,29 @@ async def revoke_family(
     return True
 
 
+async def family_user_id(conn: AsyncConnection, family_id: str) -> int:
+    """The id of the user whose login started the family (live or not), e.g. to issue
+    a refreshed access token with the user's current role. Raises `NotFound`."""
+    user_id = (
+        await conn.execute(
+            select(refresh_families.c.user_id).where(refresh_families.c.id == family_id)
+        )
+    ).scalar_one_or_none()
+    if user_id is None:
+        raise NotFound(f"no refresh-token family {family_id!r}")
+    return int(user_id)
+
+
 async def revoke_user_families(
-    conn: AsyncConnection, user_id: int, *, by: str | None = None
+    conn: AsyncConnection, user_id: int, *, keep: str | None = None, by: str | None = None
 ) -> int:
-    """Revoke every live family of a user (logout everywhere, password change); returns
-    how many were live."""
-    count = await _revoke_families(conn, refresh_families.c.user_id == user_id, utcnow())
+    """Revoke every live family of a user (logout everywhere, password change) but the
+    family `keep` (the caller's own session, when it stays logged in); returns how many
+    were revoked."""
+    where = refresh_families.c.user_id == user_id
+    if keep is not None:
+        where = where & (refresh_families.c.id != keep)
+    count = await _revoke_families(conn, where, utcnow())
     if count:
         username = (
             await conn.execute(select(users.c.username).where(users.c.id == user_id))

@@ -44,7 +44,10 @@ async def run(settings: RestSettings) -> None:
         _log.info(
             "REST API listening on http://%s:%d/api/v1/", settings.rest_host, settings.rest_port
         )
-        await serve(create_app(runtime), config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        # In a task of its own: Hypercorn's shutdown leaves cancellation requests counted on
+        # the task that ran it, which would make the runtime's closing look cancelled.
+        app = create_app(runtime)
+        await asyncio.create_task(serve(app, config, shutdown_trigger=stop.wait))  # type: ignore[arg-type]
     _log.info("REST API stopped")
 
 

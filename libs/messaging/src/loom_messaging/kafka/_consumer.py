@@ -18,13 +18,13 @@ import contextlib
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from aiokafka import (  # type: ignore[import-untyped, unused-ignore]
     AIOKafkaConsumer,
     ConsumerRebalanceListener,
     ConsumerStoppedError,
-    TopicPartition,
 )
 from aiokafka.errors import (  # type: ignore[import-untyped, unused-ignore]
     CommitFailedError,
@@ -35,7 +35,7 @@ from aiokafka.protocol.group import LeaveGroupRequest  # type: ignore[import-unt
 from loom_messaging.abc import Delivery
 from loom_messaging.envelope import Envelope, decode
 from loom_messaging.errors import BrokerUnavailable, InvalidMessage
-from loom_messaging.kafka._common import _POLL_MS, DELIVERIES_HEADER, _key, _log, _stop, _translated
+from loom_messaging.kafka._common import _POLL_MS, DELIVERIES_HEADER, _log, _stop, _translated
 
 if TYPE_CHECKING:
     from loom_messaging.kafka._broker import KafkaBroker
@@ -231,24 +231,44 @@ class _WorkConsumer:
                 self._room.clear()
                 await self._room.wait()
                 continue
-            async with self._step:  # no suspension when free, as it mostly is
-                if self._stopping:
-                    continue
-                generation = self._generation
-                while buffer and buffer[0][0] != generation:
+            generation = self._generation
+            while buffer and buffer[0][0] != generation:
+                buffer.popleft()
+            if not buffer:
+                await self._wait_for_reader()
+                continue
+            _, tp, record = buffer[0]
+            partition = self._partitions.get(tp)
+            if partition is None or record.offset >= partition.mark:
+                await self._wait_for_reader()  # it is writing the mark past the record
+                continue
+            if not self._step.locked() and record.offset >= partition.abandoned_below:
+                # The common case, with no await from the checks to the hand-out, so
+                # nothing that takes `_step` (a rebalance, close) can come in between.
+                try:
+                    envelope = decode(record.value or b"")
+                except InvalidMessage:
+                    pass  # dead-lettered below, under `_step`
+                else:
                     buffer.popleft()
-                if buffer:
-                    _, tp, record = buffer[0]
-                    partition = self._partitions.get(tp)
-                    if partition is not None and record.offset < partition.mark:
-                        buffer.popleft()
-                        if self._reader is None and len(buffer) < _FETCH_RECORDS:
-                            self._read_ahead()  # its marks are written while we hand out
-                        delivery = await self._take(partition, record)
-                        if delivery is not None:
-                            return delivery
-                        continue
-            await self._wait_for_reader()
+                    self._maybe_read_ahead()
+                    return self._hand_out(partition, record, envelope)
+            async with self._step:
+                if self._stopping or not buffer or buffer[0][2] is not record:
+                    continue  # things moved while we waited for the lock
+                if record.offset >= partition.mark or generation != self._generation:
+                    continue
+                buffer.popleft()
+                self._maybe_read_ahead()
+                delivery = await self._take(partition, record)
+            if delivery is not None:
+                return delivery
+
+    def _maybe_read_ahead(self) -> None:
+        """Starts the reader once fewer than `_FETCH_RECORDS` records are left in the
+        buffer: the next batch's marks are written while this one is handed out."""
+        if self._reader is None and len(self._buffer) < _FETCH_RECORDS:
+            self._read_ahead()
 
     def _read_ahead(self) -> asyncio.Task[None]:
         reader = self._reader = asyncio.create_task(self._read())
@@ -317,26 +337,37 @@ class _WorkConsumer:
         self._generation += 1
         self._fetched_to.clear()
 
-    async def _take(self, partition: _Partition, record: Any) -> Delivery | None:
-        """The delivery for `record`, or None when it was requeued or dead-lettered."""
+    def _hand_out(self, partition: _Partition, record: Any, envelope: Envelope) -> Delivery:
+        """The delivery of a taken record that decoded, counted against the prefetch."""
         offset, headers = record.offset, record.headers
         deliveries = _deliveries(headers) + 1 if headers else 1
-        entry = partition.pending[offset] = _Entry(record, deliveries)
+        partition.pending[offset] = _Entry(record, deliveries, handed=True)
         partition.unsettled += 1
         partition.taken_to = offset + 1
-        if offset < partition.abandoned_below:
-            # Handed out before by a consumer that died without settling it: that was a
-            # delivery, so it goes back with its count (or to the dead letters).
-            await asyncio.shield(self._resolve(partition, offset, None))
-            return None
-        try:
-            envelope = decode(record.value or b"")
-        except InvalidMessage as exc:
-            await asyncio.shield(self._resolve(partition, offset, str(exc)))
-            return None
-        entry.handed = True
         self._outstanding += 1
         return _KafkaDelivery(self, partition, offset, record.key, envelope, deliveries)
+
+    async def _take(self, partition: _Partition, record: Any) -> Delivery | None:
+        """With `_step` held: the delivery for `record`, or None when it was requeued
+        (handed out before us) or dead-lettered (it does not decode)."""
+        offset = record.offset
+        if offset >= partition.abandoned_below:
+            try:
+                envelope = decode(record.value or b"")
+            except InvalidMessage as exc:
+                reason = str(exc)
+            else:
+                return self._hand_out(partition, record, envelope)
+        else:
+            # Handed out before by a consumer that died without settling it: that was a
+            # delivery, so it goes back with its count (or to the dead letters).
+            reason = None
+        deliveries = _deliveries(record.headers or ()) + 1
+        partition.pending[offset] = _Entry(record, deliveries)
+        partition.unsettled += 1
+        partition.taken_to = offset + 1
+        await asyncio.shield(self._resolve(partition, offset, reason))
+        return None
 
     async def _resolve(self, partition: _Partition, offset: int, reason: str | None) -> None:
         """Dead-letters a taken record with `reason`, or gives it back (reason None),
@@ -381,7 +412,7 @@ class _WorkConsumer:
     async def _revoked(self, revoked: set[Any]) -> None:
         """A rebalance takes `revoked` away: wait up to a grace for the pending acks,
         give back the rest, commit, and forget those partitions."""
-        self._generation += 1
+        self._new_generation()
         grace = self._broker.session_timeout_ms / 4000
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
@@ -407,6 +438,9 @@ class _WorkConsumer:
         `partitions`, commits, and lowers the delivery marks to what was taken. A broker
         failure is logged: those records stay uncommitted, and their next owner counts
         them by the marks."""
+        marking = self._marking
+        if marking is not None:  # its commit must not land after ours, raising them again
+            await asyncio.wait((marking,))
         try:
             for partition in partitions:
                 for offset, entry in list(partition.pending.items()):
