@@ -7,6 +7,7 @@ Handlers raise; `problem_for` turns what they raise into ONE answer, in one plac
 * pydantic's `ValidationError` of a request model → 422 with the offending fields;
 * loom_db's `NotFound` → 404, `Conflict` → 409, `DatabaseUnavailable` /
   `TransactionConflict` → 503 with `Retry-After` (never a 500: DESIGN §11);
+* loom_messaging's `BrokerUnavailable` → 503 with `Retry-After`;
 * loom_auth's errors → 401 / 403 (`auth_error_response`);
 * anything else → 500, logged with its traceback (a bug, never a user's fault).
 """
@@ -23,6 +24,7 @@ from starlette.responses import Response
 from loom_auth import AuthError, PasswordPolicyError, auth_error_response, problem_response
 from loom_common import ParamError, SpecError
 from loom_db import Conflict, DatabaseUnavailable, NotFound, TransactionConflict
+from loom_messaging import BrokerUnavailable
 
 __all__ = ["ApiProblem", "problem_for", "validation_errors"]
 
@@ -122,6 +124,13 @@ def problem_for(exc: Exception) -> Response:
         return ApiProblem(
             503,
             "the database is not reachable right now; nothing was changed, try again",
+            headers={"Retry-After": "2"},
+        ).response()
+    if isinstance(exc, BrokerUnavailable):
+        _log.warning("answering 503: %s", exc)
+        return ApiProblem(
+            503,
+            "the message broker is not reachable right now; try again",
             headers={"Retry-After": "2"},
         ).response()
     _log.exception("unexpected error", exc_info=exc)

@@ -19,11 +19,12 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
+from loom_auth import Role
 from loom_common import ParamError, resolve_params
 from loom_common.spec import GRAPH_NAME_PATTERN, ParamSpec
 from loom_db import NotFound, audit, executions, graphs, logs, node_runs
@@ -191,7 +192,7 @@ def _paused(name: str) -> ApiProblem:
     return ApiProblem(
         409,
         f"graph {name!r} is paused (enabled: false): resume it with "
-        f"PATCH /api/v1/graphs/{name} {{\"enabled\": true}} to start executions",
+        f'PATCH /api/v1/graphs/{name} {{"enabled": true}} to start executions',
     )
 
 
@@ -396,7 +397,7 @@ ENDPOINTS: list[Endpoint] = [
         "POST",
         "/api/v1/graphs/{name}/executions",
         trigger_execution,
-        "editor",
+        Role.EDITOR,
         "Start an execution (optional Idempotency-Key header)",
         status=202,
         body=TriggerIn,
@@ -408,7 +409,7 @@ ENDPOINTS: list[Endpoint] = [
         "GET",
         "/api/v1/executions",
         list_executions,
-        "viewer",
+        Role.VIEWER,
         "Executions, newest first",
         query=ExecutionQuery,
         response=ExecutionPage,
@@ -417,7 +418,7 @@ ENDPOINTS: list[Endpoint] = [
         "GET",
         "/api/v1/executions/{id}",
         get_execution,
-        "viewer",
+        Role.VIEWER,
         "An execution with every node instance's latest attempt",
         response=ExecutionOut,
     ),
@@ -425,7 +426,7 @@ ENDPOINTS: list[Endpoint] = [
         "GET",
         "/api/v1/executions/{id}/logs",
         read_execution_logs,
-        "viewer",
+        Role.VIEWER,
         "Log lines after a seq (JSON, or text/plain with Accept)",
         query=LogQuery,
         response=LogPage,
@@ -435,7 +436,7 @@ ENDPOINTS: list[Endpoint] = [
         "POST",
         "/api/v1/executions/{id}/cancel",
         cancel_execution,
-        "editor",
+        Role.EDITOR,
         "Cancel an execution (one that ended is answered unchanged)",
         status=202,
         response=ExecutionOut,
@@ -444,7 +445,7 @@ ENDPOINTS: list[Endpoint] = [
         "POST",
         "/api/v1/executions/{id}/retry",
         retry_execution,
-        "editor",
+        Role.EDITOR,
         "Start a new execution that retries one that did not succeed",
         status=202,
         response=ExecutionOut,

@@ -6,7 +6,9 @@ each change is audited by `loom_db.secrets`, by name, never with the value."""
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from loom_auth import Role
 from loom_db import NotFound
 from loom_db import secrets as stored
 from loom_db.pagination import decode_cursor, encode_cursor
@@ -23,7 +25,7 @@ class SecretPage(Page[SecretOut]):
     """Secret names, sorted."""
 
 
-def _name(call: Call[object, object], *, missing_is_404: bool) -> str:
+def _name(call: Call[Any, Any], *, missing_is_404: bool) -> str:
     name = call.path("name")
     if _NAME.fullmatch(name):
         return name
@@ -72,7 +74,7 @@ ENDPOINTS: list[Endpoint] = [
         "GET",
         "/api/v1/secrets",
         list_secrets,
-        "editor",
+        Role.EDITOR,
         "Secret names (never values)",
         query=PageQuery,
         response=SecretPage,
@@ -81,7 +83,7 @@ ENDPOINTS: list[Endpoint] = [
         "PUT",
         "/api/v1/secrets/{name}",
         put_secret,
-        "editor",
+        Role.EDITOR,
         "Create or replace a secret",
         status=204,
         body=SecretIn,
@@ -90,7 +92,7 @@ ENDPOINTS: list[Endpoint] = [
         "DELETE",
         "/api/v1/secrets/{name}",
         delete_secret,
-        "editor",
+        Role.EDITOR,
         "Delete a secret",
         status=204,
     ),
