@@ -81,3 +81,26 @@ def test_messaging_benchmark_quick_prints_bmsg() -> None:
     figures = [json.loads(line) for line in result.stdout.splitlines()]
     assert figures and all(f["benchmark"] == "Bmsg" for f in figures)
     assert all(f["value"] > 0 for f in figures)
+
+
+def test_rest_benchmark_quick_prints_brest_for_get_and_post() -> None:
+    if not os.environ.get("LOOM_TEST_POSTGRES_URL"):
+        if os.environ.get("LOOM_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail("LOOM_TEST_POSTGRES_URL is not set and LOOM_TEST_REQUIRE_SERVICES=1")
+        pytest.skip("LOOM_TEST_POSTGRES_URL is not set: the Brest benchmark needs PostgreSQL")
+    result = subprocess.run(
+        [sys.executable, "benchmarks/rest.py", "--quick", "--repeat", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [f["benchmark"] for f in figures] == ["Brest", "Brest"]
+    assert [f["name"].split()[0] for f in figures] == ["GET", "POST"]
+    for figure in figures:
+        assert FIELDS | {"p99_ms", "baseline_p99_ms"} <= set(figure)
+        assert figure["value"] > 0 and figure["baseline"] > 0 and figure["ratio"] > 0
+        assert figure["p99_ms"] > 0 and figure["baseline_p99_ms"] > 0
+        assert figure["quick"] is True

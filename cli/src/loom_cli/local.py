@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from loom_common import (
     Graph,
     GraphSpec,
     ParamError,
+    ParamSpec,
     SettingsError,
     SpecError,
     configure_logging,
@@ -81,6 +82,20 @@ def _parse_pairs(pairs: Iterable[str], what: str) -> dict[str, str]:
     return out
 
 
+def parse_params(pairs: Iterable[str], declared: Mapping[str, ParamSpec]) -> dict[str, Any]:
+    """`-p KEY=VALUE` pairs, each value read by its param's declared type (text for a param
+    the graph does not declare: `resolve_params` or the server names it). Raises
+    `ParamError` for a value that does not fit its type, `ValueError` for a pair that is
+    not KEY=VALUE."""
+    given: dict[str, Any] = {}
+    for name, text in _parse_pairs(pairs, "-p").items():
+        try:
+            given[name] = parse_param_text(declared.get(name), text)
+        except ValueError as exc:
+            raise ParamError({name: str(exc)}) from None
+    return given
+
+
 def run_command(
     path: Path,
     param_pairs: Iterable[str],
@@ -102,14 +117,7 @@ def run_command(
             print(line, file=err)
         return EXIT_INVALID
     try:
-        given: dict[str, Any] = {}
-        for name, text in _parse_pairs(param_pairs, "-p").items():
-            declared = graph.spec.params.get(name)
-            try:
-                given[name] = parse_param_text(declared, text)
-            except ValueError as exc:
-                raise ParamError({name: str(exc)}) from None
-        params = resolve_params(graph.spec.params, given)
+        params = resolve_params(graph.spec.params, parse_params(param_pairs, graph.spec.params))
         secrets = _parse_pairs(secret_pairs, "--secret")
     except ParamError as exc:
         for name, problem in exc.problems.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -9,8 +10,12 @@ import click
 
 from loom_cli.db import db
 from loom_cli.local import run_command, schema_command, validate_command
+from loom_cli.remote import REMOTE_COMMANDS
 
 __all__ = ["cli", "main"]
+
+SERVICES = {"rest": "loom_rest.serve"}
+"""`loom serve NAME`: the module whose `main()` runs the service."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -78,7 +83,23 @@ def schema() -> None:
     schema_command()
 
 
+@cli.command("serve")
+@click.argument("service", metavar="SERVICE", type=click.Choice(sorted(SERVICES)))
+def serve(service: str) -> None:
+    """Run one Loom service, as its image does.
+
+    The same as `python -m loom_<service>`: configured by LOOM_* variables and loom.toml,
+    it runs until SIGTERM or Ctrl-C, then finishes the requests in flight.
+
+    Exit status: 0 stopped cleanly, 2 bad settings (e.g. LOOM_SECRET_KEY missing).
+    """
+    # Imported only now: the other commands must not pay for the service's server stack.
+    importlib.import_module(SERVICES[service]).main()
+
+
 cli.add_command(db)
+for _command in REMOTE_COMMANDS:
+    cli.add_command(_command)
 
 
 def main() -> None:

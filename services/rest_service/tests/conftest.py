@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from loom_auth import hash_password, new_api_token
+from loom_auth import PasswordParams, hash_password, new_api_token
 from loom_db import Database, tokens, users
 from loom_db.keys import derive_keys
 from loom_db.testing import (  # noqa: F401  (fixtures, found by pytest by name)
@@ -28,6 +28,9 @@ from loom_rest import RestSettings, Runtime, create_app
 SECRET_KEY = "test-secret-key-" + "x" * 40
 PASSWORD = "correct horse battery staple"
 ROLES = ("viewer", "editor", "admin")
+FAST_PASSWORDS = PasswordParams(time_cost=1, memory_cost=1024, parallelism=1)
+"""argon2id at its cheapest: the tests check what the API does with passwords, and the
+production parameters (64 MiB, 3 passes) would make each login take a second here."""
 
 
 def make_settings(**overrides: object) -> RestSettings:
@@ -59,6 +62,7 @@ def runtime(db: Database, broker: Broker, settings: RestSettings) -> Runtime:
         database=db,
         broker=broker,
         keys=derive_keys(settings.secret_key.get_secret_value()),
+        password_params=FAST_PASSWORDS,
     )
 
 
@@ -88,7 +92,7 @@ class Clients:
 
 async def create_users(database: Database) -> None:
     """One user per role, named after it, with `PASSWORD`."""
-    hashed = hash_password(PASSWORD)
+    hashed = hash_password(PASSWORD, FAST_PASSWORDS)
     async with database.transaction() as conn:
         for role in ROLES:
             await users.create_user(conn, role, hashed, role, by=None)

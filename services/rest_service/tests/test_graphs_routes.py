@@ -17,7 +17,7 @@ import pytest
 from loom_auth import hash_password, new_api_token
 from loom_db import Database, deliveries, tokens, users
 from loom_db.relay import OutboxRelay
-from loom_rest import Runtime, create_app
+from loom_rest import Runtime
 
 YAML = {"Content-Type": "application/yaml"}
 PASSWORD = "correct horse battery staple"
@@ -70,14 +70,23 @@ nodes:
 """
 
 
+@pytest.fixture(scope="module")
+def password_hash() -> str:
+    return hash_password(PASSWORD)  # argon2 is slow on purpose: once per module
+
+
 @pytest.fixture
-async def api(runtime: Runtime) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
-    """A client per role, each with an API token of a user of that role."""
-    app = create_app(runtime)
+async def api(
+    runtime: Runtime, anonymous: httpx.AsyncClient, password_hash: str
+) -> AsyncIterator[dict[str, httpx.AsyncClient]]:
+    """A client per role with an API token of a user of that role, over the app of
+    `anonymous` (one app per runtime). Lighter than conftest's `clients`: no logins, one
+    password hash per module."""
+    app = anonymous._transport.app  # type: ignore[attr-defined]
     made: dict[str, httpx.AsyncClient] = {}
     async with runtime.database.transaction() as conn:
         for role in ("viewer", "editor"):
-            user = await users.create_user(conn, role, hash_password(PASSWORD), role, by=None)
+            user = await users.create_user(conn, role, password_hash, role, by=None)
             token = new_api_token()
             await tokens.create_api_token(
                 conn,
@@ -202,10 +211,8 @@ async def test_a_viewer_can_read_but_not_write_graphs(
     assert (await viewer.get("/api/v1/graphs/hello")).json()["enabled"] is True
 
 
-async def test_graphs_need_a_token(runtime: Runtime) -> None:
-    transport = httpx.ASGITransport(app=create_app(runtime))
-    async with httpx.AsyncClient(transport=transport, base_url="http://loom.test") as client:
-        problem(await client.get("/api/v1/graphs"), 401)
+async def test_graphs_need_a_token(anonymous: httpx.AsyncClient) -> None:
+    problem(await anonymous.get("/api/v1/graphs"), 401)
 
 
 # --- apply ------------------------------------------------------------------------------
@@ -220,8 +227,9 @@ async def test_put_creates_then_keeps_or_bumps_the_version(editor: httpx.AsyncCl
     assert same.status_code == 200
     assert same.json()["version"] == 1
 
-    reformatted = HELLO.replace("{type: string, default: world}", "\n    type: string\n"
-                                "    default: world")
+    reformatted = HELLO.replace(
+        "{type: string, default: world}", "\n    type: string\n    default: world"
+    )
     assert (await editor.put("/api/v1/graphs/hello", content=reformatted, headers=YAML)).json()[
         "version"
     ] == 1
@@ -242,6 +250,11 @@ async def test_put_refuses_a_document_naming_another_graph(editor: httpx.AsyncCl
     answer = await editor.put("/api/v1/graphs/other", content=HELLO, headers=YAML)
 
     assert errors(answer) == [("body.name", 1)]
+    as_json = json.dumps({"nodes": {"a": {"run": "x"}}, "name": "hello"}, indent=2)
+    answer = await editor.put(
+        "/api/v1/graphs/other", content=as_json, headers={"Content-Type": "application/json"}
+    )
+    assert errors(answer) == [("body.name", 7)]
     problem(await editor.get("/api/v1/graphs/other"), 404)
     problem(await editor.get("/api/v1/graphs/hello"), 404)
 
@@ -266,9 +279,7 @@ async def test_versions_lists_every_version_newest_first(editor: httpx.AsyncClie
 async def test_get_of_an_unknown_or_malformed_version(editor: httpx.AsyncClient) -> None:
     await editor.post("/api/v1/graphs", content=HELLO, headers=YAML)
 
-    assert "version 7" in problem(
-        await editor.get("/api/v1/graphs/hello?version=7"), 404
-    )["detail"]
+    assert "version 7" in problem(await editor.get("/api/v1/graphs/hello?version=7"), 404)["detail"]
     assert errors(await editor.get("/api/v1/graphs/hello?version=seven")) == [
         ("query.version", None)
     ]
@@ -401,10 +412,10 @@ async def test_an_11_mib_upload_is_413(editor: httpx.AsyncClient) -> None:
 
 
 async def test_a_declared_length_over_the_limit_is_refused_unread(
-    runtime: Runtime, editor: httpx.AsyncClient
+    editor: httpx.AsyncClient,
 ) -> None:
     """The body is never received: the declared Content-Length alone decides."""
-    app = create_app(runtime)
+    app = editor._transport.app  # type: ignore[attr-defined]
     received = 0
     sent: list[dict[str, Any]] = []
 
@@ -506,8 +517,9 @@ async def test_triggers_show_their_next_fire_time(editor: httpx.AsyncClient) -> 
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for trigger in graph["triggers"]:
         by_kind.setdefault(trigger["kind"], []).append(trigger)
-    (cron,), (every,), (delay,), (webhook,) = (by_kind[k] for k in ("cron", "every", "delay",
-                                                                     "webhook"))
+    (cron,), (every,), (delay,), (webhook,) = (
+        by_kind[k] for k in ("cron", "every", "delay", "webhook")
+    )
     # New Year's midnight in Berlin is 23:00 UTC on Dec 31.
     fire = parse_time(cron["next_fire_time"])
     assert (fire.month, fire.day, fire.hour, fire.minute) == (12, 31, 23, 0)
@@ -667,3 +679,17 @@ async def test_the_openapi_document_describes_the_graph_bodies(
     assert {"201", "409", "413", "415", "422"} <= set(post["responses"])
     assert {"200", "201", "413", "422"} <= set(put["responses"])
     assert json.dumps(document)  # serializable as it is
+
+
+@pytest.mark.parametrize(
+    ("content", "media_type"),
+    [(b"", "application/yaml"), (b"[1, 2]", "application/json"), (b"just text", "text/yaml")],
+)
+async def test_a_document_that_is_not_a_graph_is_422(
+    editor: httpx.AsyncClient, content: bytes, media_type: str
+) -> None:
+    answer = await editor.post(
+        "/api/v1/graphs/validate", content=content, headers={"Content-Type": media_type}
+    )
+
+    assert [path for path, _ in errors(answer)] == ["(document)"]

@@ -14,9 +14,13 @@ from typing import Any
 
 import orjson
 
-__all__ = ["MAX_PAGE", "check_limit", "decode_cursor", "encode_cursor"]
+__all__ = ["MAX_PAGE", "InvalidCursor", "check_limit", "decode_cursor", "encode_cursor"]
 
 MAX_PAGE = 1000
+
+
+class InvalidCursor(ValueError):
+    """A cursor this module did not make (or made for another list)."""
 
 
 def check_limit(limit: int) -> int:
@@ -33,7 +37,8 @@ def encode_cursor(*position: str | int | datetime) -> str:
 
 def decode_cursor(cursor: str, *shape: type) -> list[Any]:
     """The position in `cursor`, each part converted to the type in `shape` (str, int or
-    datetime). Raises `ValueError("invalid cursor")` for anything this module did not make."""
+    datetime). Raises `InvalidCursor` (a `ValueError`) for anything this module did not
+    make."""
     try:
         values = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not isinstance(values, list) or len(values) != len(shape):
@@ -52,5 +57,5 @@ def decode_cursor(cursor: str, *shape: type) -> list[Any]:
             else:
                 raise ValueError
     except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
-        raise ValueError("invalid cursor") from None
+        raise InvalidCursor("invalid cursor: pass the next_cursor of a previous page") from None
     return out

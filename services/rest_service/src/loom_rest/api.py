@@ -86,6 +86,8 @@ class Endpoint:
     response_content: dict[str, Any] = field(default_factory=dict)
     other_statuses: dict[int, str] = field(default_factory=dict)
     """Other success statuses the route may answer with the same `response` model."""
+    body_required: bool = True
+    """False: an empty body is read as `{}` (e.g. a trigger without params)."""
 
     @property
     def operation_id(self) -> str:
@@ -128,22 +130,44 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").partition(";")[0].strip().lower()
 
 
-async def _json_body(request: Request, model: type[BaseModel], limit: int) -> BaseModel:
+async def _json_body(
+    request: Request, model: type[BaseModel], limit: int, required: bool
+) -> BaseModel:
     raw = await read_body(request, limit)
+    if not raw.strip() and required:
+        error = {"path": "body", "message": "a JSON body is required", "line": None}
+        raise unprocessable("the request has no body", [error])
     kind = media_type(request)
     if kind not in (JSON, "") and not kind.endswith("+json"):
         raise ApiProblem(415, f"send the body as {JSON}, not {kind}")
     try:
-        data = orjson.loads(raw) if raw else {}
+        data = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError as exc:
         error = {"path": "body", "message": f"not valid JSON: {exc}", "line": None}
         raise unprocessable("the body is not valid JSON", [error]) from None
+    _refuse_nul(data, "body")
     try:
-        return model.model_validate(data)
+        # From the JSON text: strict models then take JSON's own types (and ISO times).
+        return model.model_validate_json(raw if raw.strip() else b"{}")
     except ValidationError as exc:
-        raise unprocessable(
-            "the request body is not valid", validation_errors(exc, "body")
-        ) from None
+        errors = validation_errors(exc, "body")
+        raise unprocessable("the request body is not valid", errors) from None
+
+
+def _refuse_nul(value: Any, path: str) -> None:
+    """422 for a NUL character anywhere in `value`: no stored text may hold one
+    (PostgreSQL refuses it), so it is refused here with its place, not by the driver."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            error = {"path": path, "message": "must not contain NUL characters", "line": None}
+            raise unprocessable("the request is not valid", [error])
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(key, path)
+            _refuse_nul(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_nul(item, f"{path}.{index}")
 
 
 def _query(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -152,6 +176,7 @@ def _query(request: Request, model: type[BaseModel]) -> BaseModel:
         if key in params:
             error = {"path": f"query.{key}", "message": "given more than once", "line": None}
             raise unprocessable("the query is not valid", [error])
+        _refuse_nul(value, f"query.{key}")
         params[key] = value
     try:
         return model.model_validate(params)
@@ -188,8 +213,13 @@ def endpoint_app(
             principal: Principal | None = authorize(request, endpoint.role)
         else:
             principal = request.user if isinstance(request.user, Principal) else None
+        for value in request.path_params.values():
+            if "\x00" in str(value):  # no stored name or id holds one
+                raise ApiProblem(404, f"nothing at {request.url.path}")
         query = _query(request, endpoint.query) if endpoint.query is not None else None
-        body = await _json_body(request, endpoint.body, limit) if endpoint.body else None
+        body = None
+        if endpoint.body is not None:
+            body = await _json_body(request, endpoint.body, limit, endpoint.body_required)
         result = await endpoint.handler(Call(request, runtime, principal, body, query))
         if result is None:
             return Response(status_code=204)

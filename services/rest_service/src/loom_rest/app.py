@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -44,10 +45,13 @@ def create_app(runtime: Runtime) -> Starlette:
 
     backend = BearerAuthBackend(runtime.signing_key, lookup_api_token)
     metrics = RestMetrics(runtime.registry)
-    routes = [
-        Route(e.path, endpoint_app(e, runtime, backend, metrics.observe), methods=[e.method])
-        for e in ENDPOINTS
-    ]
+    # One Route per path, so that a 405 names every method the path allows (`Allow`).
+    by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
+    for e in ENDPOINTS:
+        by_path.setdefault(e.path, {})[e.method] = endpoint_app(
+            e, runtime, backend, metrics.observe
+        )
+    routes = [Route(path, _dispatch(apps), methods=list(apps)) for path, apps in by_path.items()]
     middleware = []
     if runtime.settings.rest_cors_origins:
         middleware.append(
@@ -67,6 +71,16 @@ def create_app(runtime: Runtime) -> Starlette:
     app.state.runtime = runtime
     app.state.openapi = openapi_document(ENDPOINTS, VERSION)
     return app
+
+
+def _dispatch(
+    apps: dict[str, Callable[[Request], Awaitable[Response]]],
+) -> Callable[[Request], Awaitable[Response]]:
+    async def dispatch(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await apps[method](request)
+
+    return dispatch
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

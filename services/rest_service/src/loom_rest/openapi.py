@@ -29,11 +29,14 @@ def openapi_document(endpoints: list[Endpoint], version: str) -> dict[str, Any]:
     modes: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         (m, "validation" if _is_input(m, endpoints) else "serialization") for m in keyed
     ]
-    _, schemas = models_json_schema(modes, ref_template=_REF)
+    mapping, schemas = models_json_schema(modes, ref_template=_REF)
+    # pydantic picks the component names (`Page[GraphOut]` becomes `Page_GraphOut_`): use
+    # the references it made rather than the class names.
+    refs: dict[Any, dict[str, Any]] = {model: dict(ref) for (model, _), ref in mapping.items()}
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints:
         path = _PATH_PARAM.sub(r"{\1}", endpoint.path)
-        paths.setdefault(path, {})[endpoint.method.lower()] = _operation(endpoint)
+        paths.setdefault(path, {})[endpoint.method.lower()] = _operation(endpoint, refs)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -61,18 +64,17 @@ def _is_input(model: type[BaseModel], endpoints: list[Endpoint]) -> bool:
     return any(e.body is model for e in endpoints)
 
 
-def _ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": _REF.format(model=model.__name__)}
-
-
 def _problem(status: int) -> dict[str, Any]:
     return {
         "description": TITLES.get(status, "Error"),
-        "content": {PROBLEM_JSON: {"schema": _ref(Problem)}},
+        "content": {PROBLEM_JSON: {"schema": {"$ref": _REF.format(model="Problem")}}},
     }
 
 
-def _operation(endpoint: Endpoint) -> dict[str, Any]:
+def _operation(endpoint: Endpoint, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
+    def _ref(model: type[BaseModel]) -> dict[str, Any]:
+        return refs[model]
+
     operation: dict[str, Any] = {
         "operationId": endpoint.operation_id,
         "summary": endpoint.summary,
@@ -95,7 +97,7 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
         operation["requestBody"] = {"required": True, "content": endpoint.request_content}
     elif endpoint.body is not None:
         operation["requestBody"] = {
-            "required": True,
+            "required": endpoint.body_required,
             "content": {"application/json": {"schema": _ref(endpoint.body)}},
         }
     responses: dict[str, Any] = {}

@@ -4,7 +4,6 @@ Handlers raise; `problem_for` turns what they raise into ONE answer, in one plac
 
 * `ApiProblem` — an answer chosen by the handler (status, title, detail, extensions);
 * loom_common's `SpecError` / `ParamError` → 422 with `errors: [{path, message, line}]`;
-* pydantic's `ValidationError` of a request model → 422 with the offending fields;
 * loom_db's `NotFound` → 404, `Conflict` → 409, `DatabaseUnavailable` /
   `TransactionConflict` → 503 with `Retry-After` (never a 500: DESIGN §11);
 * loom_messaging's `BrokerUnavailable` → 503 with `Retry-After`;
@@ -24,6 +23,7 @@ from starlette.responses import Response
 from loom_auth import AuthError, PasswordPolicyError, auth_error_response, problem_response
 from loom_common import ParamError, SpecError
 from loom_db import Conflict, DatabaseUnavailable, NotFound, TransactionConflict
+from loom_db.pagination import InvalidCursor
 from loom_messaging import BrokerUnavailable
 
 __all__ = ["ApiProblem", "problem_for", "validation_errors"]
@@ -108,11 +108,12 @@ def problem_for(exc: Exception) -> Response:
             for name, message in exc.problems.items()
         ]
         return unprocessable("the params do not fit the graph", errors).response()
-    if isinstance(exc, ValidationError):
-        return unprocessable("the request is not valid", validation_errors(exc, "body")).response()
     if isinstance(exc, PasswordPolicyError):
         errors = [{"path": "body.password", "message": str(exc), "line": None}]
         return unprocessable(str(exc), errors).response()
+    if isinstance(exc, InvalidCursor):
+        error = {"path": "query.cursor", "message": str(exc), "line": None}
+        return unprocessable("the query is not valid", [error]).response()
     if isinstance(exc, AuthError):
         return auth_error_response(exc)
     if isinstance(exc, NotFound):

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from loom_auth import LoginLimiter, hash_password, require_signing_key
+from loom_auth import LoginLimiter, PasswordParams, hash_password, require_signing_key
+from loom_auth.passwords import DEFAULT_PARAMS
 from loom_db import Database, database_from_settings, users
 from loom_db.keys import Keys, derive_keys
 from loom_db.relay import OutboxRelay
@@ -40,6 +41,9 @@ class Runtime:
     )
     events: Broker | None = None
     login_limiter: LoginLimiter | None = None
+    password_params: PasswordParams = DEFAULT_PARAMS
+    """argon2id parameters for new hashes (tests pass cheap ones; a change rehashes
+    stored passwords at their next login)."""
 
     def __post_init__(self) -> None:
         if self.login_limiter is None:

@@ -28,6 +28,7 @@ __all__ = [
     "Page",
     "PasswordIn",
     "Problem",
+    "Query",
     "ProblemError",
     "RefreshIn",
     "SecretIn",
@@ -49,9 +50,16 @@ Role = Literal["viewer", "editor", "admin"]
 
 
 class _In(BaseModel):
-    """Request bodies: unknown fields are errors (a typo must not be ignored)."""
+    """Request bodies: unknown fields are errors (a typo must not be ignored), and JSON
+    types are strict (`0` is not `false`, `"5"` is not `5`)."""
 
-    model_config = ConfigDict(extra="forbid", strict=False)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Query(BaseModel):
+    """Query strings: unknown parameters are errors; values are text, converted."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class _Out(BaseModel):
@@ -81,7 +89,7 @@ class Page(_Out, Generic[T]):
     )
 
 
-class PageQuery(_In):
+class PageQuery(Query):
     limit: int = Field(default=50, ge=1, le=500)
     cursor: str | None = Field(default=None, max_length=1000)
 

@@ -113,7 +113,7 @@ async def login(call: Call[LoginIn, None]) -> TokenPair:
         except NotFound:
             found = None
     if found is None:
-        await asyncio.to_thread(verify_dummy, body.password)
+        await asyncio.to_thread(verify_dummy, body.password, runtime.password_params)
         verified = False
     else:
         verified = await asyncio.to_thread(verify_password, found[1], body.password)
@@ -123,8 +123,8 @@ async def login(call: Call[LoginIn, None]) -> TokenPair:
     user, stored = found
     limiter.record_success(body.username, address)
     rehashed = None
-    if needs_rehash(stored):
-        rehashed = await asyncio.to_thread(hash_password, body.password)
+    if needs_rehash(stored, runtime.password_params):
+        rehashed = await asyncio.to_thread(hash_password, body.password, runtime.password_params)
     refresh = new_refresh_token(new_family_id())
     async with runtime.database.transaction() as conn:
         if rehashed is not None:
@@ -201,7 +201,7 @@ async def change_password(call: Call[PasswordIn, None]) -> None:
             "the old password is wrong",
             [{"path": "body.old_password", "message": message, "line": None}],
         )
-    hashed = await asyncio.to_thread(hash_password, body.new_password)
+    hashed = await asyncio.to_thread(hash_password, body.new_password, runtime.password_params)
     async with runtime.database.transaction() as conn:
         await users.set_password(conn, user.username, hashed, by=principal.username)
         await tokens.revoke_user_families(

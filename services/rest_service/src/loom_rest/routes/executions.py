@@ -66,7 +66,7 @@ class ExecutionQuery(PageQuery):
 class LogQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    after: int = Field(default=0, ge=0, description="Lines with a greater `seq`")
+    after: int = Field(default=0, ge=0, le=2**63 - 1, description="Lines with a greater `seq`")
     node: str | None = Field(
         default=None, max_length=200, pattern=_NO_NUL, description="Only this node instance"
     )
@@ -401,6 +401,7 @@ ENDPOINTS: list[Endpoint] = [
         "Start an execution (optional Idempotency-Key header)",
         status=202,
         body=TriggerIn,
+        body_required=False,
         response=ExecutionOut,
         errors=(409,),
         other_statuses={200: "The execution this Idempotency-Key already started"},

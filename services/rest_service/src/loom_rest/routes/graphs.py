@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import Response
 
 from loom_auth import Role
 from loom_common import (
@@ -133,7 +134,7 @@ async def _load(source: str) -> Graph:
     return await asyncio.to_thread(load_graph, source)
 
 
-_NAME_LINE = re.compile(r'^\s*"?name"?\s*:', re.MULTILINE)
+_NAME_LINE = re.compile(r'^(?:name|[\s{]*"name")\s*:', re.MULTILINE)
 
 
 def _name_line(source: str) -> int | None:
@@ -224,7 +225,7 @@ async def create_graph(call: Call[None, None]) -> GraphOut:
     return _graph_out(record)
 
 
-async def apply_graph(call: Call[None, None]) -> Any:
+async def apply_graph(call: Call[None, None]) -> Response:
     """Create (201) or update (200) the graph named in the path: the same spec keeps its
     version, a changed one becomes version + 1."""
     runtime = call.runtime

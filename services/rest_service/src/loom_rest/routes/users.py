@@ -44,6 +44,16 @@ __all__ = ["ENDPOINTS"]
 _USERNAME = re.compile(users.USERNAME_PATTERN)
 
 
+# Named subclasses: the OpenAPI document refers to a model by its class name, which for
+# `Page[UserOut]` is not a valid component name.
+class UserPage(Page[UserOut]):
+    """A page of users."""
+
+
+class ApiTokenPage(Page[ApiTokenOut]):
+    """The caller's API tokens (one page: a user has few)."""
+
+
 def _user_out(user: UserRecord) -> UserOut:
     return UserOut.model_validate(
         {
@@ -71,7 +81,7 @@ def _token_fields(token: ApiTokenRecord) -> dict[str, object]:
 # --- users (admin) ------------------------------------------------------------------
 
 
-async def list_users(call: Call[None, PageQuery]) -> Page[UserOut]:
+async def list_users(call: Call[None, PageQuery]) -> UserPage:
     """Every user, by username."""
     async with call.runtime.database.read() as conn:
         try:
@@ -81,7 +91,7 @@ async def list_users(call: Call[None, PageQuery]) -> Page[UserOut]:
         except ValueError as exc:  # a cursor this API did not make
             error = {"path": "query.cursor", "message": str(exc), "line": None}
             raise unprocessable("the query is not valid", [error]) from None
-    return Page[UserOut](items=[_user_out(user) for user in found], next_cursor=cursor)
+    return UserPage(items=[_user_out(user) for user in found], next_cursor=cursor)
 
 
 async def create_user(call: Call[UserIn, None]) -> UserOut:
@@ -92,7 +102,7 @@ async def create_user(call: Call[UserIn, None]) -> UserOut:
         error = {"path": "body.username", "message": message, "line": None}
         raise unprocessable("the username is not valid", [error])
     check_new_password(body.password, "body.password")
-    hashed = await asyncio.to_thread(hash_password, body.password)
+    hashed = await asyncio.to_thread(hash_password, body.password, call.runtime.password_params)
     async with call.runtime.database.transaction() as conn:
         user = await users.create_user(conn, body.username, hashed, body.role, by=call.actor)
     return _user_out(user)
@@ -104,7 +114,9 @@ async def update_user(call: Call[UserPatch, None]) -> UserOut:
     hashed = None
     if patch.password is not None:
         check_new_password(patch.password, "body.password")
-        hashed = await asyncio.to_thread(hash_password, patch.password)
+        hashed = await asyncio.to_thread(
+            hash_password, patch.password, call.runtime.password_params
+        )
     async with call.runtime.database.transaction() as conn:
         user = await users.update_user(
             conn, username, role=patch.role, disabled=patch.disabled, by=call.actor
@@ -127,13 +139,13 @@ async def delete_user(call: Call[None, None]) -> None:
 # --- API tokens (the caller's own) ----------------------------------------------------
 
 
-async def list_tokens(call: Call[None, None]) -> Page[ApiTokenOut]:
+async def list_tokens(call: Call[None, None]) -> ApiTokenPage:
     """The caller's live API tokens, newest first (never the tokens themselves)."""
     async with call.runtime.database.read() as conn:
         user = await users.get_user(conn, call.user.username)
         found = await tokens.list_api_tokens(conn, user.id)
     items = [ApiTokenOut.model_validate(_token_fields(token)) for token in found]
-    return Page[ApiTokenOut](items=items, next_cursor=None)
+    return ApiTokenPage(items=items, next_cursor=None)
 
 
 async def create_token(call: Call[ApiTokenIn, None]) -> ApiTokenCreated:
@@ -181,7 +193,7 @@ ENDPOINTS: list[Endpoint] = [
         Role.ADMIN,
         "List users",
         query=PageQuery,
-        response=Page[UserOut],
+        response=UserPage,
     ),
     Endpoint(
         "POST",
@@ -219,7 +231,7 @@ ENDPOINTS: list[Endpoint] = [
         list_tokens,
         Role.VIEWER,
         "My API tokens",
-        response=Page[ApiTokenOut],
+        response=ApiTokenPage,
     ),
     Endpoint(
         "POST",
