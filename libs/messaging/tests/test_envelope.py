@@ -98,6 +98,9 @@ def test_unknown_type_is_refused() -> None:
         encode("no.such", {})
     with pytest.raises(InvalidMessage, match="unknown message type 'no.such'"):
         decode(raw(type="no.such"))
+    for odd in ([], {}, 1, None):  # not a name at all: refused too, not a TypeError
+        with pytest.raises(InvalidMessage, match="unknown message type"):
+            decode(raw(type=odd))
 
 
 def test_unknown_version_is_refused() -> None:

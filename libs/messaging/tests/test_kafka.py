@@ -28,6 +28,7 @@ from loom_messaging.kafka import (
     KafkaBroker,
     bootstrap_servers,
 )
+from loom_messaging.kafka._consumer import _FETCH_RECORDS
 
 TIMEOUT = 30
 FAST_GROUPS = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200}
@@ -253,6 +254,45 @@ async def test_deliveries_of_a_killed_consumer_count_and_keep_counting(
             delivery = await anext(deliveries)
             assert (delivery.envelope, delivery.delivery_count) == (decode(body), 3)
             await delivery.ack()
+
+
+async def test_a_crash_over_counts_at_most_what_the_worker_had_fetched(
+    kafka_url: str, make_broker: MakeBroker
+) -> None:
+    """A worker is SIGKILLed holding the first of 1,000 messages: that one comes again as a
+    second delivery, and so do the records it had fetched but not handed out (their marks
+    were written ahead), at most ``2 * _FETCH_RECORDS - 1`` of them; the rest come as
+    first deliveries."""
+    broker = await make_broker(partitions=1)
+    n = 1000
+    async with asyncio.timeout(TIMEOUT * 2):
+        await broker.queue.publish_batch(
+            [(requested(i, f"exec-{i}"), f"exec-{i}") for i in range(n)]
+        )
+        worker = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            CRASHING_WORKER,
+            kafka_url,
+            broker.prefix,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert worker.stdout is not None
+        line = await worker.stdout.readline()
+        worker.kill()
+        await worker.communicate()
+        assert int(line) == 1
+        counts: dict[str, int] = {}
+        async with broker.queue.consume(prefetch=100) as deliveries:
+            while len(counts) < n:
+                delivery = await anext(deliveries)
+                counts[delivery.envelope.data["execution_id"]] = delivery.delivery_count
+                await delivery.ack()
+    again = sorted(int(execution.split("/")[1]) for execution, c in counts.items() if c == 2)
+    assert set(counts.values()) == {1, 2}
+    # The held one, then a prefix of the partition: what the worker had fetched.
+    assert again == list(range(len(again)))
+    assert 1 <= len(again) <= 2 * _FETCH_RECORDS
 
 
 async def test_dead_letters_are_records_of_the_dead_topic_and_replay_marks_them(

@@ -31,14 +31,21 @@ Kafka has no redelivery counter, so the count travels with the message, in heade
   (same key, so the same partition, at its end) with the count + 1, confirmed, and only
   then committed past; or, once it has been delivered `max_deliveries` times, sent to
   the dead letters with the reason ``delivered N times without an ack``. Exact.
-* A process killed abruptly cannot requeue. So before handing out a fetched batch the
-  consumer records "handed out up to offset X" as the committed offset of a second
-  group, ``{prefix}.workers.delivered`` (one commit per fetched batch; no member ever
-  joins it). The partition's next owner reads that mark: a record below it that is read
-  again was handed out by a consumer that died before settling it, so it is requeued
-  with the count + 1 (or dead-lettered) instead of being delivered as new. Approximate:
-  records of the dead consumer's last fetched batch that it had not handed out yet, and
-  records acked but not yet committed, count one delivery too.
+* A process killed abruptly cannot requeue. So the consumer records "handed out up to
+  offset X" as the committed offset of a second group, ``{prefix}.workers.delivered``
+  (no member ever joins it), and hands out no record at or past X before that commit is
+  done. The marks are pipelined: one commit per fetch of up to 250 records, written in
+  the background while the records fetched before are handed out (the next fetch starts
+  once fewer than 250 are left), so no round trip stands in the way. The partition's
+  next owner reads that mark: a record below it that is read again was handed out by a
+  consumer that died before settling it, so it is requeued with the count + 1 (or
+  dead-lettered) instead of being delivered as new. Approximate, never short: after a
+  crash, the records the dead consumer had fetched but not handed out yet — at most 499
+  (2 × 250 − 1) per `consume` block — and those it acked in its last ~50 ms (not
+  committed yet) count one delivery too many. RabbitMQ does the same: a quorum queue
+  counts every message pushed into a dead consumer's prefetch buffer as delivered,
+  whether or not the application had taken it, so the two backends agree on what a
+  crash costs (up to the prefetch there, up to 499 records here).
 
 At-least-once holds in every case: nothing is committed before it is settled, and a
 requeued message only after its copy is confirmed. The queue keeps no order (a requeued

@@ -210,17 +210,20 @@ class KafkaBroker(Broker):
     ) -> None:
         """Sends (value, key, headers, partition) records, then waits until the broker
         has every one of them."""
-        producer = self._live_producer()
+        send = self._live_producer().send
         futures: list[asyncio.Future[Any]] = []
-        with _translated(f"publishing to {topic}"):
-            for value, key, headers, partition in records:
-                future = await producer.send(
-                    topic, value, key=key, headers=headers, partition=partition
-                )
+        try:
+            with _translated(f"publishing to {topic}"):
+                for value, key, headers, partition in records:
+                    futures.append(
+                        await send(topic, value, key=key, headers=headers, partition=partition)
+                    )
+                for future in futures:
+                    await future
+        except BaseException:
+            for future in futures:  # only on failure: a callback per send costs
                 future.add_done_callback(_retrieve)
-                futures.append(future)
-            for future in futures:
-                await future
+            raise
 
     async def _partitions(self, topic: str) -> list[Any]:
         producer = self._live_producer()

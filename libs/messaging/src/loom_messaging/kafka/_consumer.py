@@ -2,20 +2,23 @@
 settles acks in any order, commits the contiguous settled offsets, and gives back what is
 left unsettled on close or rebalance.
 
-Delivery marks are pipelined: a background reader fetches the next batch (at most
-`_FETCH_RECORDS` records) once fewer than `_FETCH_RECORDS` are left in the buffer, and
-commits the marks covering it while the records before it are handed out. A record is
-never handed out before a committed mark covers it, so the buffer holds at most
-``2 * _FETCH_RECORDS - 1`` records marked but not handed out: what a crash over-counts
-(beside the acked records not committed yet), as RabbitMQ counts every message pushed
-into a dead consumer's prefetch buffer as delivered.
+Delivery marks are pipelined. A background reader fetches up to `_FETCH_RECORDS` records
+into the buffer and commits, in one request, the marks past everything buffered; the
+next reader starts as soon as fewer than `_FETCH_RECORDS` records are left, so its marks
+are written while the records before them are handed out. No record is handed out
+before a committed mark covers it, and the buffer never holds more than
+``2 * _FETCH_RECORDS - 1`` records. Accuracy after a crash: the records fetched but not
+handed out yet, at most ``2 * _FETCH_RECORDS - 1`` (499) per consume block, count one
+delivery too many (beside the acked records whose commit had not gone out yet). That is
+RabbitMQ's rule: a quorum queue counts every message pushed into a dead consumer's
+prefetch buffer as delivered, whether or not the application had taken it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -40,7 +43,7 @@ from loom_messaging.kafka._common import _POLL_MS, DELIVERIES_HEADER, _log, _sto
 if TYPE_CHECKING:
     from loom_messaging.kafka._broker import KafkaBroker
 
-_FETCH_RECORDS = 250  # records per fetch; one delivery-marks commit per fetch
+_FETCH_RECORDS = 250  # records per fetch, one marks commit each (a crash window of < 2x)
 _COMMIT_DELAY = 0.05  # acks of this window share a commit: a crash redelivers them
 
 
@@ -53,14 +56,21 @@ def _deliveries(headers: Any) -> int:
     return 0
 
 
-@dataclass(eq=False, slots=True)
 class _Entry:
     """A record taken from a partition and not committed past yet."""
 
+    __slots__ = ("delivery_count", "handed", "offset", "partition", "record", "settled")
+    partition: _Partition
     record: Any
-    deliveries: int
-    handed: bool = False  # given to the consumer as a Delivery (counts against prefetch)
-    settled: bool = False
+    offset: int
+    delivery_count: int
+    handed: bool  # given to the consumer as a Delivery (counts against prefetch)
+    settled: bool
+
+    def __init__(self, partition: _Partition, record: Any, delivery_count: int) -> None:
+        self.partition, self.record, self.offset = partition, record, record.offset
+        self.delivery_count = delivery_count
+        self.handed = self.settled = False
 
 
 @dataclass(eq=False, slots=True)
@@ -72,7 +82,7 @@ class _Partition:
     """Its delivery mark when we got it: records below were handed out before us."""
     mark: int
     """Our delivery mark, as committed in the marks group."""
-    pending: OrderedDict[int, _Entry] = field(default_factory=OrderedDict)  # offset order
+    pending: deque[_Entry] = field(default_factory=deque)  # taken, in offset order
     unsettled: int = 0
     taken_to: int = 0  # one past the last record taken
     position: int | None = None  # the offset to commit: everything before it is settled
@@ -80,33 +90,35 @@ class _Partition:
     revoked: bool = False
 
 
-class _KafkaDelivery(Delivery):
-    __slots__ = ("_consumer", "_offset", "_partition", "delivery_count", "envelope", "key")
+class _KafkaDelivery(_Entry, Delivery):
+    """A record handed out: the delivery is its own entry (one object per message)."""
+
+    __slots__ = ("_consumer", "envelope", "key")
 
     def __init__(
         self,
         consumer: _WorkConsumer,
         partition: _Partition,
-        offset: int,
-        key: bytes | None,
+        record: Any,
+        delivery_count: int,
         envelope: Envelope,
-        deliveries: int,
     ) -> None:
+        self.partition, self.record, self.offset = partition, record, record.offset
+        self.delivery_count = delivery_count
+        self.handed, self.settled = True, False
         self.envelope = envelope
+        key = record.key
         self.key = key.decode("utf-8", "replace") if key else ""
-        self.delivery_count = deliveries
         self._consumer = consumer
-        self._partition = partition
-        self._offset = offset
 
     async def ack(self) -> None:
         """Returns at once; the commit follows within a round trip. Acking twice, or
         after the consumer gave the message back (it is being delivered again), does
         nothing."""
-        self._consumer._settle(self._partition, self._offset)
+        self._consumer._settle(self)
 
     async def dead_letter(self, reason: str) -> None:
-        await self._consumer._dead_letter(self._partition, self._offset, reason)
+        await self._consumer._dead_letter(self, reason)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -143,7 +155,7 @@ class _WorkConsumer:
         self._prefetch = prefetch
         self._consumer: Any = None
         self._partitions: dict[Any, _Partition] = {}
-        # (generation, partition, record): a rebalance bumps the generation, and as
+        # (generation, topic partition, record): a rebalance bumps the generation, and as
         # aiokafka's rebalances are eager (every partition revoked, positions reset to the
         # commits), older records are simply dropped: they will be fetched again.
         self._buffer: deque[tuple[int, Any, Any]] = deque()
@@ -153,7 +165,8 @@ class _WorkConsumer:
         self._marking: asyncio.Task[None] | None = None  # the reader's marks, in flight
         self._outstanding = 0
         self._room = asyncio.Event()  # set when a delivery settles
-        self._settled = asyncio.Event()
+        self._settled = asyncio.Event()  # set on a settle while `_revoking`
+        self._revoking = False
         self._step = asyncio.Lock()  # one record at a time is taken, requeued, given back
         self._commit_lock = asyncio.Lock()
         self._commit_wanted = asyncio.Event()
@@ -251,7 +264,8 @@ class _WorkConsumer:
                     pass  # dead-lettered below, under `_step`
                 else:
                     buffer.popleft()
-                    self._maybe_read_ahead()
+                    if self._reader is None and len(buffer) < _FETCH_RECORDS:
+                        self._read_ahead()  # its marks are written while we hand out
                     return self._hand_out(partition, record, envelope)
             async with self._step:
                 if self._stopping or not buffer or buffer[0][2] is not record:
@@ -259,16 +273,11 @@ class _WorkConsumer:
                 if record.offset >= partition.mark or generation != self._generation:
                     continue
                 buffer.popleft()
-                self._maybe_read_ahead()
+                if self._reader is None and len(buffer) < _FETCH_RECORDS:
+                    self._read_ahead()
                 delivery = await self._take(partition, record)
             if delivery is not None:
                 return delivery
-
-    def _maybe_read_ahead(self) -> None:
-        """Starts the reader once fewer than `_FETCH_RECORDS` records are left in the
-        buffer: the next batch's marks are written while this one is handed out."""
-        if self._reader is None and len(self._buffer) < _FETCH_RECORDS:
-            self._read_ahead()
 
     def _read_ahead(self) -> asyncio.Task[None]:
         reader = self._reader = asyncio.create_task(self._read())
@@ -286,27 +295,34 @@ class _WorkConsumer:
 
     async def _read(self) -> None:
         """The reader: fetches up to `_FETCH_RECORDS` records into the buffer (waiting up
-        to a poll for some), then commits delivery marks past everything buffered, for
-        every partition met so far (reading first the mark of a partition met for the
-        first time). Clears `_reader` when it succeeds; a failure stays for a waiter."""
+        to a poll for some) unless it holds that many already, then commits delivery
+        marks past everything buffered, for every partition met so far (reading first
+        the mark of a partition met for the first time). So the buffer never holds more
+        than ``2 * _FETCH_RECORDS - 1`` records. Clears `_reader` when it succeeds; a
+        failure stays for a waiter to raise."""
+        batch: dict[Any, list[Any]] = {}
+        if len(self._buffer) < _FETCH_RECORDS:
+            try:
+                with _translated("consuming the work queue"):
+                    batch = await self._consumer.getmany(
+                        timeout_ms=_POLL_MS, max_records=_FETCH_RECORDS
+                    )
+            except ConsumerStoppedError:
+                self._stopping = True
+                self._room.set()
+        # aiokafka returns only records of the assignment active now (waiting while a
+        # rebalance is under way), and a rebalance bumps the generation before it
+        # assigns: so they belong to the current generation, even when the fetch began
+        # before a rebalance (dropping them would skip them: the position has moved past
+        # them). No await from here to the buffer: nothing fetched is lost.
         generation = self._generation
-        try:
-            with _translated("consuming the work queue"):
-                batch = await self._consumer.getmany(
-                    timeout_ms=_POLL_MS, max_records=_FETCH_RECORDS
-                )
-        except ConsumerStoppedError:
-            self._stopping = True
-            self._room.set()
-        else:
-            if generation == self._generation:  # no await between: nothing fetched is lost
-                buffer, fetched_to = self._buffer, self._fetched_to
-                for tp, records in batch.items():
-                    buffer.extend(zip(repeat(generation), repeat(tp), records))
-                    fetched_to[tp] = records[-1].offset + 1
-                if not self._stopping:
-                    self._marking = asyncio.ensure_future(self._mark(generation))
-                    await self._marking
+        if not self._stopping:
+            buffer, fetched_to = self._buffer, self._fetched_to
+            for tp, records in batch.items():
+                buffer.extend(zip(repeat(generation), repeat(tp), records))
+                fetched_to[tp] = records[-1].offset + 1
+            self._marking = asyncio.ensure_future(self._mark(generation))
+            await self._marking
         if self._reader is asyncio.current_task():
             self._reader = None
 
@@ -339,51 +355,51 @@ class _WorkConsumer:
 
     def _hand_out(self, partition: _Partition, record: Any, envelope: Envelope) -> Delivery:
         """The delivery of a taken record that decoded, counted against the prefetch."""
-        offset, headers = record.offset, record.headers
-        deliveries = _deliveries(headers) + 1 if headers else 1
-        partition.pending[offset] = _Entry(record, deliveries, handed=True)
+        headers = record.headers
+        count = _deliveries(headers) + 1 if headers else 1
+        delivery = _KafkaDelivery(self, partition, record, count, envelope)
+        partition.pending.append(delivery)
         partition.unsettled += 1
-        partition.taken_to = offset + 1
+        partition.taken_to = delivery.offset + 1
         self._outstanding += 1
-        return _KafkaDelivery(self, partition, offset, record.key, envelope, deliveries)
+        return delivery
 
     async def _take(self, partition: _Partition, record: Any) -> Delivery | None:
         """With `_step` held: the delivery for `record`, or None when it was requeued
         (handed out before us) or dead-lettered (it does not decode)."""
-        offset = record.offset
-        if offset >= partition.abandoned_below:
+        if record.offset >= partition.abandoned_below:
             try:
                 envelope = decode(record.value or b"")
             except InvalidMessage as exc:
-                reason = str(exc)
+                reason: str | None = str(exc)
             else:
                 return self._hand_out(partition, record, envelope)
         else:
             # Handed out before by a consumer that died without settling it: that was a
             # delivery, so it goes back with its count (or to the dead letters).
             reason = None
-        deliveries = _deliveries(record.headers or ()) + 1
-        partition.pending[offset] = _Entry(record, deliveries)
+        entry = _Entry(partition, record, _deliveries(record.headers or ()) + 1)
+        partition.pending.append(entry)
         partition.unsettled += 1
-        partition.taken_to = offset + 1
-        await asyncio.shield(self._resolve(partition, offset, reason))
+        partition.taken_to = entry.offset + 1
+        await asyncio.shield(self._resolve(entry, reason))
         return None
 
-    async def _resolve(self, partition: _Partition, offset: int, reason: str | None) -> None:
+    async def _resolve(self, entry: _Entry, reason: str | None) -> None:
         """Dead-letters a taken record with `reason`, or gives it back (reason None),
         then settles it."""
-        entry = partition.pending[offset]
         if reason is None:
-            await self._queue._give_back(entry.record, entry.deliveries)
+            await self._queue._give_back(entry.record, entry.delivery_count)
         else:
-            await self._queue._dead_letter(entry.record, reason, entry.deliveries)
-        self._settle(partition, offset)
+            await self._queue._dead_letter(entry.record, reason, entry.delivery_count)
+        self._settle(entry)
 
-    def _settle(self, partition: _Partition, offset: int) -> bool:
-        """Marks a taken record settled and moves the partition's commit position over
-        every settled record at its head. False if it was settled already."""
-        entry = partition.pending.get(offset)
-        if entry is None or entry.settled:
+    def _settle(self, entry: _Entry) -> bool:
+        """Marks a taken record settled and moves its partition's commit position over
+        every settled record at its head. False if it was settled already, or given back
+        in a rebalance."""
+        partition = entry.partition
+        if entry.settled or partition.revoked:
             return False
         entry.settled = True
         partition.unsettled -= 1
@@ -391,34 +407,34 @@ class _WorkConsumer:
             self._outstanding -= 1
             self._room.set()
         pending = partition.pending
-        while pending:
-            first = next(iter(pending))  # O(1) on an OrderedDict, even after many pops
-            if not pending[first].settled:
-                break
-            del pending[first]
-            partition.position = first + 1
-        self._settled.set()
+        while pending and pending[0].settled:
+            partition.position = pending.popleft().offset + 1
+        if self._revoking:
+            self._settled.set()
         self._commit_wanted.set()
         return True
 
-    async def _dead_letter(self, partition: _Partition, offset: int, reason: str) -> None:
+    async def _dead_letter(self, entry: _Entry, reason: str) -> None:
         async with self._step:  # not given back by a rebalance while it is dead-lettered
-            entry = partition.pending.get(offset)
-            if entry is None or entry.settled or partition.revoked:
+            if entry.settled or entry.partition.revoked:
                 _log.info("dead_letter after the message was given back: ignored")
                 return
-            await asyncio.shield(self._resolve(partition, offset, reason))
+            await asyncio.shield(self._resolve(entry, reason))
 
     async def _revoked(self, revoked: set[Any]) -> None:
         """A rebalance takes `revoked` away: wait up to a grace for the pending acks,
         give back the rest, commit, and forget those partitions."""
         self._new_generation()
         grace = self._broker.session_timeout_ms / 4000
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace):
-                while any(p.unsettled for tp, p in self._partitions.items() if tp in revoked):
-                    self._settled.clear()
-                    await self._settled.wait()
+        self._revoking = True
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    while any(p.unsettled for tp, p in self._partitions.items() if tp in revoked):
+                        self._settled.clear()
+                        await self._settled.wait()
+        finally:
+            self._revoking = False
         async with self._step:
             partitions = [p for tp, p in self._partitions.items() if tp in revoked]
             try:
@@ -427,7 +443,7 @@ class _WorkConsumer:
                 for partition in partitions:
                     del self._partitions[partition.tp]
                     partition.revoked = True
-                    for entry in partition.pending.values():  # left for the next owner
+                    for entry in partition.pending:  # left for the next owner
                         if entry.handed and not entry.settled:
                             self._outstanding -= 1
                     partition.pending.clear()
@@ -443,9 +459,9 @@ class _WorkConsumer:
             await asyncio.wait((marking,))
         try:
             for partition in partitions:
-                for offset, entry in list(partition.pending.items()):
+                for entry in list(partition.pending):
                     if not entry.settled:
-                        await self._resolve(partition, offset, None)
+                        await self._resolve(entry, None)
             await self._commit(partitions)
             await self._queue._write_marks(
                 {
