@@ -63,7 +63,10 @@ class Query(BaseModel):
 
 
 class _Out(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    """Answers. `from_attributes`: built straight from loom_db's records
+    (`AuditOut.model_validate(record)`), whose fields they share by name."""
+
+    model_config = ConfigDict(frozen=True, from_attributes=True)
 
 
 class ProblemError(_Out):

@@ -18,7 +18,7 @@ from loom_auth import Role
 from loom_db import audit
 from loom_messaging import DeadLetter, InvalidMessage, decode
 from loom_rest.api import Call, Endpoint
-from loom_rest.problems import ApiProblem, unprocessable
+from loom_rest.problems import ApiProblem
 from loom_rest.schemas import AuditOut, DeadLetterOut, Page, PageQuery
 
 __all__ = ["ENDPOINTS", "AuditPage", "DeadLetterPage"]
@@ -57,30 +57,15 @@ async def list_audit(call: Call[None, AuditQuery]) -> AuditPage:
         object_type, _, rest = query.object.partition(":")
         object_id = rest if rest else None
     async with call.runtime.database.read() as conn:
-        try:
-            records, next_cursor = await audit.list_audit(
-                conn,
-                actor=query.actor,
-                object_type=object_type,
-                object_id=object_id,
-                limit=query.limit,
-                cursor=query.cursor,
-            )
-        except ValueError as exc:  # the cursor: the rest is checked by the query model
-            error = {"path": "query.cursor", "message": str(exc), "line": None}
-            raise unprocessable("the query is not valid", [error]) from None
-    items = [
-        AuditOut(
-            id=r.id,
-            ts=r.ts,
-            actor=r.actor,
-            action=r.action,
-            object_type=r.object_type,
-            object_id=r.object_id,
-            detail=r.detail,
+        records, next_cursor = await audit.list_audit(
+            conn,
+            actor=query.actor,
+            object_type=object_type,
+            object_id=object_id,
+            limit=query.limit,
+            cursor=query.cursor,
         )
-        for r in records
-    ]
+    items = [AuditOut.model_validate(r) for r in records]
     return AuditPage(items=items, next_cursor=next_cursor)
 
 

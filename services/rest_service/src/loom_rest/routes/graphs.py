@@ -194,22 +194,14 @@ def _graph_out(record: GraphRecord, now: datetime | None = None) -> GraphOut:
     )
 
 
-def _page_cursor_error(exc: ValueError) -> ApiProblem:
-    error = {"path": "query.cursor", "message": str(exc), "line": None}
-    return unprocessable("the query is not valid", [error])
-
-
 # --- handlers ---------------------------------------------------------------------------
 
 
 async def list_graphs(call: Call[None, PageQuery]) -> Page[GraphOut]:
     async with call.runtime.database.read() as conn:
-        try:
-            items, cursor = await graphs.list_graphs(
-                conn, limit=call.query.limit, cursor=call.query.cursor
-            )
-        except ValueError as exc:
-            raise _page_cursor_error(exc) from None
+        items, cursor = await graphs.list_graphs(
+            conn, limit=call.query.limit, cursor=call.query.cursor
+        )
     now = datetime.now(UTC)
     return Page[GraphOut](items=[_graph_out(r, now) for r in items], next_cursor=cursor)
 
@@ -255,16 +247,7 @@ async def list_graph_versions(call: Call[None, None]) -> Page[VersionOut]:
     """Every version, newest first, in one page (`next_cursor` is always null)."""
     async with call.runtime.database.read() as conn:
         found = await graphs.list_versions(conn, call.path("name"))
-    items = [
-        VersionOut(
-            version=v.version,
-            description=v.description,
-            spec_hash=v.spec_hash,
-            created_at=v.created_at,
-            created_by=v.created_by,
-        )
-        for v in found
-    ]
+    items = [VersionOut.model_validate(v) for v in found]
     return Page[VersionOut](items=items, next_cursor=None)
 
 
@@ -295,26 +278,11 @@ async def list_graph_deliveries(call: Call[None, DeliveriesQuery]) -> Page[Deliv
     name = call.path("name")
     async with call.runtime.database.read() as conn:
         await graphs.list_versions(conn, name)  # NotFound for an unknown graph
-        try:
-            items, cursor = await deliveries.list_deliveries(
-                conn, name, hook=call.query.hook, limit=call.query.limit, cursor=call.query.cursor
-            )
-        except ValueError as exc:
-            raise _page_cursor_error(exc) from None
+        items, cursor = await deliveries.list_deliveries(
+            conn, name, hook=call.query.hook, limit=call.query.limit, cursor=call.query.cursor
+        )
     return Page[DeliveryOut](
-        items=[
-            DeliveryOut(
-                id=d.id,
-                hook=d.hook,
-                delivery_id=d.delivery_id,
-                received_at=d.received_at,
-                status_code=d.status_code,
-                outcome=d.outcome,
-                detail=d.detail,
-                execution_id=d.execution_id,
-            )
-            for d in items
-        ],
+        items=[DeliveryOut.model_validate(d) for d in items],
         next_cursor=cursor,
     )
 
