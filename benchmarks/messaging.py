@@ -46,13 +46,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import psycopg
-from sqlalchemy.engine import make_url
 
 from loom_db.database import Database, create_database
 from loom_db.migrate import upgrade
 from loom_db.outbox import enqueue
 from loom_db.relay import OutboxRelay
+from loom_db.testing import scratch_database as postgres_scratch
 from loom_messaging import Broker, encode, open_broker
 
 BATCH = 500
@@ -453,21 +452,13 @@ async def scratch_database(kind: str, postgres_url: str | None) -> AsyncIterator
                 await db.dispose()
         return
     assert postgres_url is not None
-    base = make_url(postgres_url).set(drivername="postgresql+psycopg")
-    name = f"loom_bench_{uuid.uuid4().hex[:12]}"
-    admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        db = create_database(base.set(database=name).render_as_string(hide_password=False))
+    with postgres_scratch(postgres_url, "loom_bench") as url:
+        db = create_database(url)
         try:
             await upgrade(db)
             yield db
         finally:
             await db.dispose()
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 async def latencies(

@@ -39,7 +39,6 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -49,6 +48,8 @@ import orjson
 import psycopg
 from _httpload import LoadError, LoadResult, fetch, load, request
 from sqlalchemy.engine import URL, make_url
+
+from loom_db.testing import scratch_database
 
 HERE = Path(__file__).resolve().parent
 HOST = "127.0.0.1"
@@ -112,20 +113,6 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-@contextmanager
-def scratch_database(base: URL) -> Iterator[str]:
-    """A new PostgreSQL database (`loom_bench_<random>`), dropped afterwards."""
-    name = f"loom_bench_{uuid.uuid4().hex[:12]}"
-    admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def prepare_database(url: str) -> None:
@@ -348,7 +335,7 @@ def figure(
 def run(base: URL, *, quick: bool, concurrency: int, seconds: float, repeat: int) -> None:
     password = secrets.token_urlsafe(24)
     with ExitStack() as stack:
-        url = stack.enter_context(scratch_database(base))
+        url = stack.enter_context(scratch_database(base, "loom_bench"))
         prepare_database(url)
         rest_port, hello_port = free_port(), free_port()
         stack.enter_context(

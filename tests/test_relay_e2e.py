@@ -20,14 +20,13 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
 from loom_db.database import Database, create_database
 from loom_db.migrate import upgrade_sync
 from loom_db.outbox import enqueue, fetch_unsent
 from loom_db.relay import OutboxRelay
+from loom_db.testing import scratch_database
 from loom_messaging.abc import Broker
 from loom_messaging.brokers import open_broker
 
@@ -46,16 +45,8 @@ def service_url(variable: str, what: str) -> str:
 
 @contextmanager
 def fresh_postgres() -> Iterator[str]:
-    base = make_url(service_url("LOOM_TEST_POSTGRES_URL", "PostgreSQL"))
-    name = f"loom_test_{uuid.uuid4().hex[:12]}"
-    admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(service_url("LOOM_TEST_POSTGRES_URL", "PostgreSQL")) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -45,6 +45,7 @@ __all__ = [
     "postgres_url",
     "private_postgres",
     "require_services",
+    "scratch_database",
 ]
 
 
@@ -63,18 +64,28 @@ def _postgres_base_url() -> URL:
 
 
 @contextmanager
-def fresh_postgres_database() -> Iterator[str]:
-    """A new, empty PostgreSQL database (`loom_test_<random>`), dropped afterwards."""
-    url = _postgres_base_url()
-    name = f"loom_test_{uuid.uuid4().hex[:12]}"
+def scratch_database(base_url: str | URL, prefix: str = "loom_test") -> Iterator[str]:
+    """A new, empty PostgreSQL database (`<prefix>_<random>`) on the server of `base_url`,
+    as a `postgresql+psycopg://` URL; dropped afterwards. For tests and benchmarks."""
+    url = make_url(base_url) if isinstance(base_url, str) else base_url
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield url.set(database=name).render_as_string(hide_password=False)
+        scratch = url.set(drivername="postgresql+psycopg", database=name)
+        yield scratch.render_as_string(hide_password=False)
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """A new, empty database on LOOM_TEST_POSTGRES_URL's server (`loom_test_<random>`),
+    dropped afterwards; skips (fails in CI) without the variable."""
+    with scratch_database(_postgres_base_url()) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
