@@ -292,6 +292,44 @@ async def test_list_filters_by_graph_status_and_trigger(runtime: Runtime, client
     assert await ids("graph=nothing") == set()
 
 
+async def test_listed_executions_have_the_shape_of_a_single_one(
+    runtime: Runtime, clients: Any
+) -> None:
+    # The listing builds its JSON without the models: it must be what they would give.
+    await add_graph(runtime)
+    queued = await trigger(clients.editor, {"target": "caf\u00e9", "count": 2**62})
+    failed = await trigger(clients.editor)
+    await end(runtime, failed["id"], "failed", "boom")
+    retried = (await clients.editor.post(f"/api/v1/executions/{failed['id']}/retry")).json()
+    async with runtime.database.transaction() as conn:
+        timer, _ = await executions.create_execution(
+            conn,
+            graph="build",
+            graph_version=1,
+            params={"target": "t", "nested": {"a": [1, 2.5, None, True]}},
+            trigger_type="timer",
+            trigger_info={"fire_time": "2030-01-01T00:00:00Z", "delivery_id": 7},
+        )
+    answer = await clients.viewer.get("/api/v1/executions")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "application/json"
+    items = answer.json()["items"]
+    assert [item["id"] for item in items] == [timer.id, retried["id"], failed["id"], queued["id"]]
+    for item in items:
+        single = (await clients.viewer.get(f"/api/v1/executions/{item['id']}")).json()
+        assert item == {**single, "nodes": None}
+    assert items[0]["trigger"] == {
+        "type": "timer",
+        "fire_time": "2030-01-01T00:00:00Z",
+        "delivery_id": "7",
+        "user": None,
+        "origin_id": None,
+    }
+    assert items[1]["trigger"]["origin_id"] == failed["id"]
+    assert items[2]["finished_at"].endswith("Z")
+    assert items[3]["params"] == {"target": "caf\u00e9", "count": 2**62, "mode": "fast"}
+
+
 @pytest.mark.parametrize(
     ("query", "path"),
     [

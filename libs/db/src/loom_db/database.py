@@ -4,6 +4,12 @@
 conn`) whose connection errors arrive as `DatabaseUnavailable`. Operations elsewhere in
 loom_db are plain async functions over that `AsyncConnection` (SQLAlchemy Core).
 
+On PostgreSQL a pooled connection is checked for life when it is handed out without a
+round trip (`_check_alive`: the socket is read without blocking, so a server that closed it
+on restart is noticed and the pool reconnects), reads run in autocommit (no BEGIN and
+ROLLBACK round trips; each statement sees what was committed before it, as in a READ
+COMMITTED transaction), and JSON columns are decoded with orjson.
+
 SQLite runs in WAL mode with a busy timeout and foreign keys on; it has a single writer,
 so every transaction that writes takes the write lock at its start (`BEGIN IMMEDIATE`)
 instead of failing with "database is locked" halfway through.
@@ -12,13 +18,17 @@ instead of failing with "database is locked" halfway through.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -49,7 +59,7 @@ def create_database(
             raise ValueError(
                 f"use postgresql+psycopg:// for PostgreSQL, not {parsed.drivername}://"
             )
-        kwargs.update(pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
     else:
         raise ValueError(
             f"unsupported database URL {parsed.drivername}:// "
@@ -58,6 +68,8 @@ def create_database(
     engine = create_async_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
+    else:
+        _configure_postgres(engine)
     return Database(engine)
 
 
@@ -68,6 +80,48 @@ def database_from_settings(settings: LoomSettings) -> Database:
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
     )
+
+
+_LONG_NUMBER = re.compile(rb"\d{19}")
+"""19 digits or more: maybe beyond 64 bits, which orjson would read as a float."""
+
+
+def _json_loads(data: bytes | str) -> Any:
+    """orjson's decoding, or the standard library's where they differ: integers beyond 64
+    bits (kept exact) and numbers beyond a double (infinity)."""
+    raw = data.encode() if isinstance(data, str) else data
+    if _LONG_NUMBER.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(raw)
+
+
+def _configure_postgres(engine: AsyncEngine) -> None:
+    from psycopg.pq import ConnStatus
+    from psycopg.types.json import set_json_loads
+
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        set_json_loads(_json_loads, dbapi_connection.driver_connection)
+
+    @event.listens_for(sync_engine, "checkout")
+    def _check_alive(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        """Instead of a pre-ping (a round trip per checkout): read what the idle socket
+        holds without blocking. A server that stopped or restarted closed it (after a
+        FATAL message, hence two reads), and the pool then reconnects, every older
+        connection discarded, as after a failed pre-ping."""
+        pgconn = dbapi_connection.driver_connection.pgconn
+        try:
+            for _ in range(2):
+                pgconn.consume_input()
+        except Exception as exc:  # psycopg's OperationalError: the socket is gone
+            raise sa_exc.InvalidatePoolError(str(exc)) from exc
+        if pgconn.status != ConnStatus.OK:
+            raise sa_exc.InvalidatePoolError("the connection to PostgreSQL is closed")
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -96,6 +150,11 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
+        options: dict[str, Any] = {"loom_readonly": True}
+        if self.dialect == "postgresql":
+            options["isolation_level"] = "AUTOCOMMIT"
+        self._reader = engine.execution_options(**options)
+        """The same engine and pool, for `read()`."""
         self._after_commit: list[Callable[[], None]] = []
 
     @property
@@ -111,10 +170,12 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reading (on SQLite it does not take the write lock)."""
+        """A connection for reading, never writing: on SQLite it does not take the write
+        lock; on PostgreSQL it runs in autocommit, so each statement sees what was
+        committed before it (as in the default READ COMMITTED) without BEGIN and ROLLBACK
+        round trips."""
         with translate_errors():
-            async with self.engine.connect() as conn:
-                conn = await conn.execution_options(loom_readonly=True)
+            async with self._reader.connect() as conn:
                 yield conn
 
     def on_commit(self, callback: Callable[[], None]) -> None:

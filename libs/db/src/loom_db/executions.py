@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final, Literal, cast, get_args
 
 from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -100,7 +100,8 @@ _COLUMNS: Final = tuple(_c[f.name] for f in fields(ExecutionRecord))
 
 
 def _record(row: Row[Any]) -> ExecutionRecord:
-    return ExecutionRecord(**row._mapping)
+    # Positional: the rows are `select(*_COLUMNS)`, in the record's field order.
+    return ExecutionRecord(*cast("tuple[Any, ...]", row))
 
 
 # --- idempotency keys (DESIGN §5–§7) ----------------------------------------------------
