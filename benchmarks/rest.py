@@ -192,10 +192,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def rest_env(url: str, port: int, password: str) -> dict[str, str]:
+def rest_env(url: str, port: int, password: str, pool_size: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
     env.update(
         LOOM_DATABASE_URL=url,
+        # Sized to the load, as an operator would: with fewer pooled connections than
+        # concurrent requests the overflow connections are opened and closed constantly.
+        LOOM_DATABASE_POOL_SIZE=str(pool_size),
         LOOM_SECRET_KEY=secrets.token_urlsafe(48),
         LOOM_ADMIN_PASSWORD=password,
         LOOM_REST_HOST=HOST,
@@ -341,7 +344,7 @@ def run(base: URL, *, quick: bool, concurrency: int, seconds: float, repeat: int
         stack.enter_context(
             server(
                 [sys.executable, "-m", "loom_rest"],
-                rest_env(url, rest_port, password),
+                rest_env(url, rest_port, password, pool_size=concurrency),
                 "the REST service",
                 rest_port,
             )
@@ -368,6 +371,7 @@ def run(base: URL, *, quick: bool, concurrency: int, seconds: float, repeat: int
         )
     settings: dict[str, object] = {
         "concurrency": concurrency,
+        "database_pool_size": concurrency,
         "seconds": seconds,
         "repeat": repeat,
         "quick": quick,
