@@ -44,13 +44,14 @@ def parse_duration(value: object) -> timedelta:
 
 
 def format_duration(delta: timedelta) -> str:
-    """The shortest readable form: `1h30m`, `90ms`, `0s`."""
-    total = delta.total_seconds()
-    if 0 < total < 1:
-        return f"{round(total * 1000)}ms"
-    out, rest = "", round(total)
+    """The shortest readable form that parses back to the same duration (to the
+    millisecond): `1h30m`, `90ms`, `1s500ms`, `0s`."""
+    millis = round(delta.total_seconds() * 1000)
+    out, rest = "", millis // 1000
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if rest >= size:
             out += f"{rest // size}{unit}"
             rest %= size
+    if millis % 1000:
+        out += f"{millis % 1000}ms"
     return out or "0s"
