@@ -44,7 +44,7 @@ def create_app(runtime: Runtime) -> Starlette:
         )
 
     backend = BearerAuthBackend(runtime.signing_key, lookup_api_token)
-    metrics = RestMetrics(runtime.registry)
+    metrics = RestMetrics.of(runtime.registry)
     # One Route per path, so that a 405 names every method the path allows (`Allow`).
     by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
     for e in ENDPOINTS:

@@ -3,6 +3,9 @@ is given (so `loom up` exposes every service's metrics from one registry)."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+from weakref import WeakKeyDictionary
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 __all__ = ["RestMetrics"]
@@ -11,6 +14,18 @@ _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 
 class RestMetrics:
+    """The REST metrics of one registry. Use `RestMetrics.of(registry)`: a registry takes
+    each metric name once, and an app may be created twice over one runtime."""
+
+    _made: ClassVar[WeakKeyDictionary[CollectorRegistry, RestMetrics]] = WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry) -> RestMetrics:
+        made = cls._made.get(registry)
+        if made is None:
+            made = cls._made[registry] = cls(registry)
+        return made
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "loom_rest_requests",
