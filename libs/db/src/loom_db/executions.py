@@ -15,13 +15,14 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Final, Literal, cast, get_args
 
+import psycopg
 from sqlalchemy import and_, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from loom_common import format_instant
-from loom_db.errors import Conflict, NotFound
+from loom_db.errors import Conflict, NotFound, classify_driver_error
 from loom_db.models import executions
 from loom_db.pagination import check_limit, decode_cursor, encode_cursor
 from loom_db.types import utcnow
@@ -44,6 +45,7 @@ __all__ = [
     "finish",
     "get_execution",
     "list_executions",
+    "list_executions_json",
     "reap",
     "release",
     "renew",
@@ -251,6 +253,117 @@ async def list_executions(
     last = items[-1] if items else None
     next_cursor = encode_cursor(last.created_at, last.id) if last and len(rows) > limit else None
     return items, next_cursor
+
+
+def _json_time(column: str) -> str:
+    """SQL for `column` (timestamptz) as the JSON orjson writes for it with `OPT_UTC_Z`:
+    `"2026-11-23T22:04:49.494080Z"`, without the fraction when it is zero; `null`."""
+    utc = f"({column} AT TIME ZONE 'UTC')"
+    return (
+        f"CASE WHEN {column} IS NULL THEN 'null' "
+        f"WHEN date_trunc('second', {utc}) = {utc} "
+        f"""THEN '"' || to_char({utc}, 'YYYY-MM-DD"T"HH24:MI:SS"Z"') || '"' """
+        f"""ELSE '"' || to_char({utc}, 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"' END"""
+    )
+
+
+def _json_text(expression: str) -> str:
+    """SQL for a text `expression` as a JSON string, or `null`."""
+    return f"coalesce(to_json({expression})::text, 'null')"
+
+
+_LISTED_JSON: Final = (
+    """'{"id":' || to_json(id)::text"""
+    """ || ',"graph":' || to_json(graph)::text"""
+    """ || ',"graph_version":' || graph_version::text"""
+    """ || ',"status":' || to_json(status)::text"""
+    """ || ',"trigger":{"type":' || to_json(trigger_type)::text"""
+    f""" || ',"fire_time":' || {_json_text("trigger_info->>'fire_time'")}"""
+    f""" || ',"delivery_id":' || {_json_text("trigger_info->>'delivery_id'")}"""
+    f""" || ',"user":' || {_json_text("trigger_info->>'user'")}"""
+    f""" || ',"origin_id":' || {_json_text("origin_id")}"""
+    """ || '},"params":' || params::text"""
+    f""" || ',"error":' || {_json_text("error")}"""
+    """ || ',"cancel_requested":' || cancel_requested::text"""
+    f""" || ',"created_at":' || {_json_time("created_at")}"""
+    f""" || ',"started_at":' || {_json_time("started_at")}"""
+    f""" || ',"finished_at":' || {_json_time("finished_at")}"""
+    """ || ',"nodes":null}'"""
+)
+"""One execution as the REST API lists it (`loom_rest`'s `ExecutionOut` without nodes,
+the trigger's details taken from `trigger_info`), as JSON text built by PostgreSQL."""
+
+_JSON_FILTERS: Final = (
+    ("graph", "graph = %(graph)s"),
+    ("status", "status = %(status)s"),
+    ("trigger_type", "trigger_type = %(trigger_type)s"),
+    ("cursor", "(created_at < %(at)s OR (created_at = %(at)s AND id < %(id)s))"),
+)
+_json_queries: dict[tuple[bool, ...], str] = {}
+
+
+def _json_query(present: tuple[bool, ...]) -> str:
+    """The page query for the filters `present` (one flag per `_JSON_FILTERS` entry):
+    limit + 1 rows, so whether a next page exists is known; the items of the first
+    `limit`, their count, and the keyset position of the last."""
+    query = _json_queries.get(present)
+    if query is None:
+        where = " AND ".join(sql for (_, sql), on in zip(_JSON_FILTERS, present, strict=True) if on)
+        query = _json_queries[present] = (
+            "SELECT string_agg(item, ',' ORDER BY n) FILTER (WHERE n <= %(limit)s),"
+            " count(*),"
+            " max(created_at) FILTER (WHERE n = %(limit)s),"
+            " max(id) FILTER (WHERE n = %(limit)s)"
+            " FROM (SELECT row_number() OVER (ORDER BY created_at DESC, id DESC) AS n,"
+            f" created_at, id, {_LISTED_JSON} AS item"
+            " FROM (SELECT * FROM executions"
+            + (f" WHERE {where}" if where else "")
+            + " ORDER BY created_at DESC, id DESC LIMIT %(limit)s + 1) AS page) AS numbered"
+        )
+    return query
+
+
+async def list_executions_json(
+    conn: AsyncConnection,
+    *,
+    graph: str | None = None,
+    status: str | None = None,
+    trigger_type: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> tuple[str, str | None]:
+    """`list_executions` on PostgreSQL with the page built by the database: the items as
+    the JSON array (text) of the executions as the REST API lists them (`ExecutionOut`
+    without nodes: times in UTC with `Z`, `params` as PostgreSQL writes JSON), and the
+    same next cursor. One statement on the driver's connection: no row reaches Python.
+
+    Raises `ValueError` as `list_executions` does, and for a connection that is not
+    PostgreSQL's.
+    """
+    if conn.dialect.name != "postgresql":
+        raise ValueError("list_executions_json needs PostgreSQL")
+    check_limit(limit)
+    params: dict[str, Any] = {"limit": limit}
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"unknown status {status!r}")
+    if trigger_type is not None and trigger_type not in TRIGGER_TYPES:
+        raise ValueError(f"unknown trigger type {trigger_type!r}")
+    if cursor is not None:
+        params["at"], params["id"] = decode_cursor(cursor, datetime, str)
+    params.update(graph=graph, status=status, trigger_type=trigger_type)
+    present = (graph is not None, status is not None, trigger_type is not None, cursor is not None)
+    driver = (await conn.get_raw_connection()).driver_connection
+    try:
+        async with driver.cursor() as cur:  # type: ignore[union-attr]
+            await cur.execute(_json_query(present), params)
+            items, count, last_at, last_id = await cur.fetchone()
+    except psycopg.Error as exc:  # not wrapped by SQLAlchemy: translated here
+        kind = classify_driver_error(exc)
+        if kind is None:
+            raise
+        raise kind(f"database unavailable: {exc}") from exc
+    next_cursor = encode_cursor(last_at, last_id) if count > limit else None
+    return f"[{items or ''}]", next_cursor
 
 
 # The lease, admission, finish, reaper and cancel build on the record above, so they are
