@@ -7,5 +7,7 @@ from loom_db.testing import (  # noqa: F401  (fixtures, found by pytest by name)
     db,
     empty_database_url,
     fresh_postgres_database,
+    postgres_db,
     postgres_url,
+    sqlite_db,
 )

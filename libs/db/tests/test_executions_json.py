@@ -23,10 +23,9 @@ NAMES = ("build", "deploy")
 
 
 @pytest.fixture
-async def pg(db: Database) -> Database:
-    if not db.is_postgres:
-        pytest.skip("PostgreSQL only (SQLite lists through list_executions)")
-    return db
+def pg(postgres_db: Database) -> Database:
+    """PostgreSQL only: SQLite lists through `list_executions`."""
+    return postgres_db
 
 
 async def create(db: Database, graph: str = "build", **overrides: Any) -> ExecutionRecord:
@@ -155,9 +154,7 @@ async def test_bad_arguments_are_refused_as_list_executions_refuses_them(pg: Dat
             await list_executions_json(conn, trigger_type="cron")
 
 
-async def test_sqlite_is_refused(db: Database) -> None:
-    if db.is_postgres:
-        pytest.skip("SQLite only")
-    async with db.read() as conn:
+async def test_sqlite_is_refused(sqlite_db: Database) -> None:
+    async with sqlite_db.read() as conn:
         with pytest.raises(ValueError, match="PostgreSQL"):
             await list_executions_json(conn)

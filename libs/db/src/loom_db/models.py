@@ -190,6 +190,8 @@ class Execution(SQLModel, table=True):
     __tablename__ = "executions"
     __table_args__ = (
         Index("ix_executions_graph_created", "graph", "created_at"),
+        # The executions list (newest first, keyset (created_at, id)): read backwards.
+        Index("ix_executions_created", "created_at", "id"),
         Index("ix_executions_status_lease", "status", "lease_expires_at"),
     )
 

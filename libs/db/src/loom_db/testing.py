@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import psycopg
@@ -42,10 +42,12 @@ __all__ = [
     "empty_database_url",
     "PrivatePostgres",
     "fresh_postgres_database",
+    "postgres_db",
     "postgres_url",
     "private_postgres",
     "require_services",
     "scratch_database",
+    "sqlite_db",
 ]
 
 
@@ -125,9 +127,10 @@ async def create_schema(db: Database) -> None:
     await upgrade(db)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
-    if request.param == "sqlite":
+@asynccontextmanager
+async def _open_test_database(request: pytest.FixtureRequest, kind: str) -> AsyncIterator[Database]:
+    if kind == "sqlite":
+        tmp_path: Path = request.getfixturevalue("tmp_path")
         template: Path = request.getfixturevalue("_sqlite_template")
         for suffix in ("", "-wal"):  # closed cleanly, the WAL is already checkpointed
             if template.with_name(template.name + suffix).exists():
@@ -146,6 +149,27 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Da
             async with database.transaction() as conn:
                 await conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
         await database.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db(request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+    """A migrated, empty database: each test runs on SQLite and on PostgreSQL."""
+    async with _open_test_database(request, str(request.param)) as database:
+        yield database
+
+
+@pytest.fixture
+async def postgres_db(request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+    """The PostgreSQL half of `db`, for what only PostgreSQL has."""
+    async with _open_test_database(request, "postgres") as database:
+        yield database
+
+
+@pytest.fixture
+async def sqlite_db(request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+    """The SQLite half of `db`, for what only the embedded mode does."""
+    async with _open_test_database(request, "sqlite") as database:
+        yield database
 
 
 # --- a private PostgreSQL server, for tests that stop it (DESIGN §14) -------------------
