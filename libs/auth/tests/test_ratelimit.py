@@ -65,13 +65,24 @@ def test_an_address_spraying_usernames_is_blocked(clock: FakeClock) -> None:
 
 def test_success_resets_the_username_but_not_the_address(clock: FakeClock) -> None:
     limiter = LoginLimiter(max_attempts=3, window=60.0, max_attempts_per_address=4, clock=clock)
-    for _ in range(3):
-        limiter.record_failure("alice", "10.0.0.1")
-    assert limiter.check("alice", "10.0.0.2") is not None
+    for _ in range(2):
+        assert limiter.begin("alice", "10.0.0.1") is None  # two wrong passwords
+    assert limiter.begin("alice", "10.0.0.1") is None  # the right one
     limiter.record_success("alice", "10.0.0.1")
     assert limiter.check("alice", "10.0.0.2") is None
-    limiter.record_failure("mallory", "10.0.0.1")
+    assert limiter.begin("mallory", "10.0.0.1") is None
+    assert limiter.begin("mallory", "10.0.0.1") is None
     assert limiter.check("carol", "10.0.0.1") is not None  # 4 failures on the address
+
+
+def test_concurrent_attempts_are_counted_before_any_password_is_verified(
+    clock: FakeClock,
+) -> None:
+    """30 guesses arriving together: `begin` lets exactly the limit through, though
+    none of them has been verified (and failed) yet."""
+    limiter = LoginLimiter(max_attempts=5, window=60.0, clock=clock)
+    admitted = [limiter.begin("alice", f"10.0.0.{n}") is None for n in range(30)]
+    assert admitted.count(True) == 5
 
 
 def test_memory_is_bounded_and_stale_keys_are_evicted(clock: FakeClock) -> None:
@@ -107,7 +118,7 @@ def test_a_login_route_answers_429_with_retry_after(clock: FakeClock) -> None:
     async def login(request: Request) -> Response:
         body = await request.json()
         address = request.client.host if request.client else "unknown"
-        wait = limiter.check(body["username"], address)
+        wait = limiter.begin(body["username"], address)
         if wait is not None:
             return problem_response(
                 429,
@@ -116,7 +127,6 @@ def test_a_login_route_answers_429_with_retry_after(clock: FakeClock) -> None:
                 headers={"Retry-After": retry_after(wait)},
             )
         if body["password"] != "right password":
-            limiter.record_failure(body["username"], address)
             return problem_response(401, "Unauthorized", "wrong username or password")
         limiter.record_success(body["username"], address)
         return JSONResponse({"ok": True})

@@ -51,6 +51,13 @@ class _Window:
     def reset(self, key: str) -> None:
         self.failures.pop(key, None)
 
+    def forget_one(self, key: str) -> None:
+        log = self.failures.get(key)
+        if log:
+            log.pop()
+            if not log:
+                del self.failures[key]
+
     def _evict(self, now: float) -> None:
         # Keys are ordered by their last failure, so the stale ones are at the front.
         while self.failures:
@@ -61,7 +68,9 @@ class _Window:
 
 
 class LoginLimiter:
-    """Counts failed logins; `check` before verifying a password, `record_*` after.
+    """Counts failed logins: `begin` before verifying a password (it counts the attempt),
+    `record_success` after a good one. (`check` and `record_failure` are the two halves
+    of `begin`.)
 
     `max_attempts` failures per username and `max_attempts_per_address` per client
     address are allowed within any `window` seconds. Raises `ValueError` for a limit
@@ -99,6 +108,16 @@ class LoginLimiter:
         ]
         return max(waits) if waits else None
 
+    def begin(self, username: str, address: str) -> float | None:
+        """`check`, and when the attempt may go ahead, count it as a failure at once
+        (`record_success` forgets it). Counting before the password is verified means
+        concurrent attempts cannot all pass the check while the slow verification of the
+        first ones runs. Returns the wait as `check` does. Raises nothing."""
+        wait = self.check(username, address)
+        if wait is None:
+            self.record_failure(username, address)
+        return wait
+
     def record_failure(self, username: str, address: str) -> None:
         """Count a failed login (wrong password or unknown user) for both keys."""
         now = self._clock()
@@ -106,10 +125,11 @@ class LoginLimiter:
         self._addresses.record(address, now)
 
     def record_success(self, username: str, address: str) -> None:
-        """Forget the username's failures. The address keeps its count: otherwise one
-        valid account would let an attacker reset the address limit at will."""
-        del address  # part of the signature so that callers need not know the rule
+        """Forget the username's failures, and the one attempt `begin` counted for the
+        address. The address keeps its other failures: otherwise one valid account would
+        let an attacker reset the address limit at will."""
         self._usernames.reset(_user_key(username))
+        self._addresses.forget_one(address)
 
     def __len__(self) -> int:
         """Keys held (usernames plus addresses), to observe the memory bound."""

@@ -47,12 +47,16 @@ def decode_cursor(cursor: str, *shape: type) -> list[Any]:
         for value, kind in zip(values, shape, strict=True):
             if kind is datetime:
                 moment = datetime.fromisoformat(value)
-                if moment.utcoffset() is None:
+                # Aware, and far from the ends of the calendar (where shifting it to UTC,
+                # as the databases do, would overflow).
+                if moment.utcoffset() is None or not 1900 <= moment.year <= 9000:
                     raise ValueError
                 out.append(moment)
             elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+                if not -(2**63) <= value < 2**63:
+                    raise ValueError
                 out.append(value)
-            elif kind is str and isinstance(value, str):
+            elif kind is str and isinstance(value, str) and "\x00" not in value:
                 out.append(value)
             else:
                 raise ValueError

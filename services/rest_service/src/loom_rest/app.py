@@ -12,6 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loom_auth import BearerAuthBackend, Principal, parse_role
 from loom_db import tokens
@@ -53,6 +54,9 @@ def create_app(runtime: Runtime) -> Starlette:
         )
     routes = [Route(path, _dispatch(apps), methods=list(apps)) for path, apps in by_path.items()]
     middleware = []
+    hops = runtime.settings.rest_trusted_proxy_hops
+    if hops:
+        middleware.append(Middleware(_ForwardedClient, trusted_hops=hops))
     if runtime.settings.rest_cors_origins:
         middleware.append(
             Middleware(
@@ -71,6 +75,29 @@ def create_app(runtime: Runtime) -> Starlette:
     app.state.runtime = runtime
     app.state.openapi = openapi_document(ENDPOINTS, VERSION)
     return app
+
+
+class _ForwardedClient:
+    """The client address from `X-Forwarded-For`, as written by `trusted_hops` proxies
+    (the entry that many places from the end: what the nearest trusted proxy saw). Written
+    here because Hypercorn's ProxyFixMiddleware deep-copies every request's scope, which
+    fails inside a Starlette app (and costs time besides)."""
+
+    def __init__(self, app: ASGIApp, trusted_hops: int) -> None:
+        self.app = app
+        self.trusted_hops = trusted_hops
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            forwarded = [
+                part.strip()
+                for name, value in scope["headers"]
+                if name == b"x-forwarded-for"
+                for part in value.decode("latin-1").split(",")
+            ]
+            if len(forwarded) >= self.trusted_hops and forwarded[-self.trusted_hops]:
+                scope = {**scope, "client": (forwarded[-self.trusted_hops], 0)}
+        await self.app(scope, receive, send)
 
 
 def _dispatch(

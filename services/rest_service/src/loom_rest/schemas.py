@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "ApiTokenCreated",
@@ -155,7 +155,16 @@ class UserPatch(_In):
 class ApiTokenIn(_In):
     name: str = Field(min_length=1, max_length=100)
     role: Role | None = Field(default=None, description="Up to the caller's own; default: it")
-    expires_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="Before the year 9000 (UTC); default: never"
+    )
+
+    @field_validator("expires_at")
+    @classmethod
+    def _storable(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not value.year < 9000:
+            raise ValueError("must be before the year 9000")
+        return value
 
 
 class ApiTokenOut(_Out):

@@ -33,6 +33,10 @@ class RestSettings(LoomSettings):
     rest_public_ws_url: str | None = None
     """The WebSocket service as clients reach it (`GET /api/v1/` shows it). Unset: port
     8081 on the host the client used."""
+    rest_trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
+    """Proxies in front of the service (an ingress: 1) whose `X-Forwarded-For` names the
+    client; 0 uses the connection's address. The login limit per client address needs it
+    behind a proxy, or every client would share the proxy's address."""
     rest_login_attempts: int = Field(default=5, ge=1)
     """Failed logins per username within a minute before 429 (four times as many per
     client address)."""

@@ -79,8 +79,10 @@ def _address(call: Call[Any, Any]) -> str:
     return client.host if client is not None else "unknown"
 
 
-def _check_limit(limiter: LoginLimiter, username: str, address: str) -> None:
-    wait = limiter.check(username, address)
+def _begin_attempt(limiter: LoginLimiter, username: str, address: str) -> None:
+    """429 when the caller must wait; else the attempt is counted as failed until
+    `record_success` (so concurrent guesses cannot all slip past the limit)."""
+    wait = limiter.begin(username, address)
     if wait is not None:
         raise ApiProblem(
             429,
@@ -105,7 +107,7 @@ async def login(call: Call[LoginIn, None]) -> TokenPair:
     """Exchange a username and password for an access token and a refresh token."""
     runtime, body = call.runtime, call.body
     limiter, address = _limiter(runtime), _address(call)
-    _check_limit(limiter, body.username, address)
+    _begin_attempt(limiter, body.username, address)
     found: tuple[UserRecord, str] | None
     async with runtime.database.read() as conn:
         try:
@@ -118,7 +120,6 @@ async def login(call: Call[LoginIn, None]) -> TokenPair:
     else:
         verified = await asyncio.to_thread(verify_password, found[1], body.password)
     if found is None or not verified or found[0].disabled:
-        limiter.record_failure(body.username, address)
         raise ApiProblem(401, BAD_LOGIN, headers={"WWW-Authenticate": 'Bearer realm="loom"'})
     user, stored = found
     limiter.record_success(body.username, address)
@@ -191,16 +192,16 @@ async def change_password(call: Call[PasswordIn, None]) -> None:
         raise ApiProblem(403, "an API token cannot change a password; log in with it instead")
     check_new_password(body.new_password, "body.new_password")
     limiter, address = _limiter(runtime), _address(call)
-    _check_limit(limiter, principal.username, address)
+    _begin_attempt(limiter, principal.username, address)
     async with runtime.database.read() as conn:
         user, stored = await users.get_password_hash(conn, principal.username)
     if not await asyncio.to_thread(verify_password, stored, body.old_password):
-        limiter.record_failure(principal.username, address)
         message = "does not match the current password"
         raise unprocessable(
             "the old password is wrong",
             [{"path": "body.old_password", "message": message, "line": None}],
         )
+    limiter.record_success(principal.username, address)
     hashed = await asyncio.to_thread(hash_password, body.new_password, runtime.password_params)
     async with runtime.database.transaction() as conn:
         await users.set_password(conn, user.username, hashed, by=principal.username)

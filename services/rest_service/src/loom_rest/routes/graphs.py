@@ -79,7 +79,7 @@ runtime's `rest_max_graph_bytes` themselves (they have no JSON body model)."""
 class VersionQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int | None = Field(default=None, ge=1, description="Default: the latest")
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1, description="Default: the latest")
 
 
 class DeliveriesQuery(PageQuery):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from importlib.metadata import version as _dist_version
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,6 +19,8 @@ from loom_rest.schemas import Index
 
 __all__ = ["ENDPOINTS", "VERSION"]
 
+_log = logging.getLogger("loom.rest")
+
 VERSION = _dist_version("loom-rest")
 WS_PORT = 8081
 
@@ -31,9 +34,13 @@ async def index(call: Call[None, None]) -> Index:
     """Clients need one URL: this one tells them where the WebSocket service is."""
     configured = call.runtime.settings.rest_public_ws_url
     if configured is None:
+        # Derived from the address the client used: set LOOM_REST_PUBLIC_WS_URL behind a
+        # proxy or an ingress, where the WebSocket service is elsewhere.
         url = call.request.url
         scheme = "wss" if url.scheme == "https" else "ws"
-        configured = f"{scheme}://{url.hostname}:{WS_PORT}"
+        host = url.hostname or "localhost"
+        host = f"[{host}]" if ":" in host else host
+        configured = f"{scheme}://{host}:{WS_PORT}"
     return Index(version=VERSION, ws_url=configured)
 
 
@@ -42,7 +49,8 @@ async def healthz(call: Call[None, None]) -> Health:
     return Health(status="ok", checks={})
 
 
-async def _database_check(call: Call[None, None]) -> str:
+async def _database_check(call: Call[None, None]) -> str | None:
+    """None when the database answers, else why not."""
     try:
         async with asyncio.timeout(2.0):
             async with call.runtime.database.read() as conn:
@@ -51,7 +59,7 @@ async def _database_check(call: Call[None, None]) -> str:
         return "the database did not answer within 2s"
     except DatabaseError as exc:
         return str(exc) or "the database is unavailable"
-    return "ok"
+    return None
 
 
 async def readyz(call: Call[None, None]) -> Health:
@@ -61,10 +69,19 @@ async def readyz(call: Call[None, None]) -> Health:
     answers = await asyncio.gather(
         _database_check(call), *(check_broker(b) for b in runtime.brokers)
     )
-    checks = {name: answer or "ok" for name, answer in zip(names, answers, strict=True)}
+    # The reasons go to the log: this route is public, and driver errors name hosts.
+    for name, answer in zip(names, answers, strict=True):
+        if answer is not None:
+            _log.warning("not ready: %s: %s", name, answer)
+    checks = {
+        name: "ok" if answer is None else "unavailable"
+        for name, answer in zip(names, answers, strict=True)
+    }
     if any(value != "ok" for value in checks.values()):
-        failing = "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
-        raise ApiProblem(503, f"not ready: {failing}", checks=checks)
+        failing = ", ".join(k for k, v in checks.items() if v != "ok")
+        raise ApiProblem(
+            503, f"not ready: {failing} unavailable (see the service's log)", checks=checks
+        )
     return Health(status="ok", checks=checks)
 
 

@@ -148,6 +148,9 @@ async def create_token(call: Call[ApiTokenIn, None]) -> ApiTokenCreated:
     """A new API token of the caller, with a role up to the caller's own. The token is
     in this answer only."""
     principal, body = call.user, call.body
+    if principal.kind != "access":
+        # A leaked API token must not be able to mint others that outlive its revocation.
+        raise ApiProblem(403, "API tokens are created by a logged-in user, not by a token")
     if body.expires_at is not None and body.expires_at <= datetime.now(UTC):
         error = {"path": "body.expires_at", "message": "must be in the future", "line": None}
         raise unprocessable("the token would be expired already", [error])

@@ -1,0 +1,109 @@
+"""Holes a review found, closed: concurrent login guesses, tokens minted by tokens,
+proxied client addresses, out-of-range values that used to answer 500, what /readyz and
+GET /api/v1/ reveal."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+from typing import Any
+
+import httpx
+import orjson
+
+from loom_rest import Runtime, create_app
+
+
+async def test_concurrent_wrong_passwords_are_limited_like_sequential_ones(
+    clients: Any, runtime: Runtime
+) -> None:
+    guesses = [
+        clients.anonymous.post(
+            "/api/v1/auth/login", json={"username": "viewer", "password": f"guess {n}"}
+        )
+        for n in range(30)
+    ]
+    answers = await asyncio.gather(*guesses)
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(401) == runtime.settings.rest_login_attempts
+    assert statuses.count(429) == 30 - runtime.settings.rest_login_attempts
+
+
+async def test_an_api_token_cannot_mint_another_token(clients: Any) -> None:
+    answer = await clients.api["admin"].post("/api/v1/tokens", json={"name": "forever"})
+    assert answer.status_code == 403
+    assert answer.headers["content-type"] == "application/problem+json"
+
+
+async def test_behind_a_trusted_proxy_the_limit_counts_the_forwarded_client(
+    runtime: Runtime,
+) -> None:
+    settings = runtime.settings.model_copy(update={"rest_trusted_proxy_hops": 1})
+    app = create_app(dataclasses.replace(runtime, settings=settings))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://loom.test"
+    ) as client:
+        limit = 4 * runtime.settings.rest_login_attempts  # per address
+        for n in range(limit):
+            answer = await client.post(
+                "/api/v1/auth/login",
+                json={"username": f"nobody{n}", "password": "x"},
+                headers={"X-Forwarded-For": "198.51.100.7"},
+            )
+            assert answer.status_code == 401
+        blocked = await client.post(
+            "/api/v1/auth/login",
+            json={"username": "someone", "password": "x"},
+            headers={"X-Forwarded-For": "198.51.100.7"},
+        )
+        other = await client.post(
+            "/api/v1/auth/login",
+            json={"username": "someone", "password": "x"},
+            headers={"X-Forwarded-For": "198.51.100.8"},
+        )
+    assert blocked.status_code == 429
+    assert other.status_code == 401
+
+
+def _cursor(*values: object) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps(list(values))).decode().rstrip("=")
+
+
+async def test_out_of_range_values_are_4xx_not_500(clients: Any) -> None:
+    requests = [
+        ("POST", "/api/v1/tokens", {"name": "x", "expires_at": "9999-12-31T23:59:59-05:00"}),
+        ("GET", "/api/v1/graphs/foo?version=9223372036854775808", None),
+        ("GET", "/api/v1/graphs/foo?version=2147483648", None),
+        ("GET", f"/api/v1/graphs?cursor={_cursor(chr(0))}", None),
+        ("GET", f"/api/v1/users?cursor={_cursor(chr(0))}", None),
+        ("GET", f"/api/v1/audit?cursor={_cursor(2**63)}", None),
+        ("GET", f"/api/v1/executions?cursor={_cursor('9999-12-31T23:59:59-05:00', 'x')}", None),
+        ("GET", f"/api/v1/executions?cursor={_cursor('0001-01-01T00:00:00+05:00', 'x')}", None),
+    ]
+    for method, path, body in requests:
+        answer = await clients.admin.request(method, path, json=body)
+        assert 400 <= answer.status_code < 500, (path, answer.status_code, answer.text)
+        assert answer.headers["content-type"] == "application/problem+json", path
+
+
+async def test_readyz_names_what_is_down_but_not_the_driver_error(runtime: Runtime) -> None:
+    await runtime.broker.close()
+    app = create_app(runtime)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://loom.test"
+    ) as client:
+        answer = await client.get("/readyz")
+    assert answer.status_code == 503
+    problem = answer.json()
+    assert set(problem["checks"].values()) <= {"ok", "unavailable"}
+    assert "unavailable" in problem["checks"].values()
+
+
+async def test_the_websocket_url_of_an_ipv6_host_is_bracketed(runtime: Runtime) -> None:
+    app = create_app(runtime)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://[::1]:8080"
+    ) as client:
+        answer = await client.get("/api/v1/")
+    assert answer.json()["ws_url"] == "ws://[::1]:8081"
