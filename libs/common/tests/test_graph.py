@@ -495,3 +495,16 @@ def test_lines_are_right_in_folded_and_quoted_scalars(text: str, line: int) -> N
 )
 def test_hostile_documents_give_spec_errors(text: str) -> None:
     assert issues_of(text)
+
+
+def test_an_integer_beyond_64_bits_is_an_error_on_its_line() -> None:
+    """The API, the JSON columns and the messages carry 64-bit integers: a bigger one
+    would be stored and then fail every answer that shows it."""
+    text = (
+        "name: g\nparams:\n  o: {type: object, default: {x: 99999999999999999999}}\n"
+        "nodes: {a: {run: 'true'}}\n"
+    )
+    issues = issues_of(text)
+    assert [(i.line, "64 bits" in i.message) for i in issues] == [(3, True)]
+    biggest = load_graph(text.replace("99999999999999999999", "9223372036854775807"))
+    assert biggest.spec.params["o"].default == {"x": 2**63 - 1}

@@ -143,11 +143,16 @@ class _Builder:
             mark = node.start_mark
             self.spans[path] = (mark.index, node.end_mark.index, mark.line + 1)
             try:
-                return self._constructor.construct_object(node, deep=True)
+                value = self._constructor.construct_object(node, deep=True)
             except yaml.YAMLError as exc:
                 self._issue(path, f"invalid value: {getattr(exc, 'problem', exc)}", node)
             except ValueError as exc:  # `!!int abc`, an integer of 5,000 digits
                 self._issue(path, f"invalid value: {exc}", node)
+            else:
+                if not isinstance(value, int) or -(2**63) <= value < 2**63:
+                    return value
+                # JSON columns, the API and the messages carry 64-bit integers.
+                self._issue(path, "an integer must fit in 64 bits (as text, quote it)", node)
             return None
         if id(node) in self._active:
             self._issue(path, "a recursive alias is not allowed", node)
