@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import orjson
 
+from loom_db import users
 from loom_rest import Runtime, create_app
 
 
@@ -107,3 +108,50 @@ async def test_the_websocket_url_of_an_ipv6_host_is_bracketed(runtime: Runtime) 
     ) as client:
         answer = await client.get("/api/v1/")
     assert answer.json()["ws_url"] == "ws://[::1]:8081"
+
+
+async def test_a_demoted_admin_cannot_use_an_old_token_to_restore_itself(
+    clients: Any, runtime: Runtime
+) -> None:
+    """The token says admin; the database says viewer and disabled: the database wins
+    (within the one-second cache), before the token expires."""
+    made = await clients.admin.post(
+        "/api/v1/users",
+        json={"username": "bob", "password": "bob's long password", "role": "admin"},
+    )
+    assert made.status_code == 201, made.text
+    login = await clients.anonymous.post(
+        "/api/v1/auth/login", json={"username": "bob", "password": "bob's long password"}
+    )
+    bob = {"Authorization": f"Bearer {login.json()['access_token']}"}
+    assert (await clients.anonymous.get("/api/v1/users", headers=bob)).status_code == 200
+    demoted = await clients.admin.patch(
+        "/api/v1/users/bob", json={"role": "viewer", "disabled": True}
+    )
+    assert demoted.status_code == 200, demoted.text
+    await asyncio.sleep(1.1)  # the role cache's lifetime
+    restore = await clients.anonymous.patch(
+        "/api/v1/users/bob", json={"role": "admin", "disabled": False}, headers=bob
+    )
+    assert restore.status_code == 401
+    async with runtime.database.read() as conn:
+        bob_now = await users.get_user(conn, "bob")
+    assert (bob_now.role, bob_now.disabled) == ("viewer", True)
+
+
+async def test_a_demoted_user_gets_the_lower_role_at_once_for_its_token(
+    clients: Any,
+) -> None:
+    made = await clients.admin.post(
+        "/api/v1/users",
+        json={"username": "eve", "password": "eve's long password", "role": "editor"},
+    )
+    assert made.status_code == 201, made.text
+    login = await clients.anonymous.post(
+        "/api/v1/auth/login", json={"username": "eve", "password": "eve's long password"}
+    )
+    eve = {"Authorization": f"Bearer {login.json()['access_token']}"}
+    await clients.admin.patch("/api/v1/users/eve", json={"role": "viewer"})
+    await asyncio.sleep(1.1)
+    answer = await clients.anonymous.put("/api/v1/secrets/X", json={"value": "v"}, headers=eve)
+    assert answer.status_code == 403

@@ -47,6 +47,7 @@ __all__ = [
     "Anonymous",
     "BearerAuthBackend",
     "LookupApiToken",
+    "LookupRole",
     "Principal",
     "TokenKind",
     "auth_error_response",
@@ -103,6 +104,11 @@ class Anonymous(UnauthenticatedUser):
 LookupApiToken = Callable[[str], Awaitable[Principal | None]]
 """`lookup_api_token(token_hash)`: the principal of a live API token, `None` otherwise."""
 
+LookupRole = Callable[[str], Awaitable[Role | None]]
+"""`lookup_role(username)`: the user's current role, `None` when the user was deleted or
+disabled. Checked for access tokens, so that a demotion takes effect before the token
+expires (the service may cache it for a moment)."""
+
 
 class BearerAuthBackend(AuthenticationBackend):
     """Turns a bearer token into a `Principal` (see the module docstring).
@@ -120,10 +126,12 @@ class BearerAuthBackend(AuthenticationBackend):
         allow_query_token: bool = False,
         leeway: float = 0.0,
         clock: Callable[[], float] = time.time,
+        lookup_role: LookupRole | None = None,
     ) -> None:
         check_signing_key(signing_key)
         self._signing_key = signing_key
         self._lookup_api_token = lookup_api_token
+        self._lookup_role = lookup_role
         self._allow_query_token = allow_query_token
         self._leeway = leeway
         self._clock = clock
@@ -167,9 +175,15 @@ class BearerAuthBackend(AuthenticationBackend):
         claims = decode_access_token(
             token, self._signing_key, now=self._clock(), leeway=self._leeway
         )
+        role = claims.role
+        if self._lookup_role is not None:
+            current = await self._lookup_role(claims.username)
+            if current is None:
+                raise InvalidToken("the token's user was deleted or disabled")
+            role = min(role, current, key=lambda r: r.rank)
         return Principal(
             username=claims.username,
-            role=claims.role,
+            role=role,
             kind="access",
             token_id=claims.jti,
             session_id=claims.session_id,

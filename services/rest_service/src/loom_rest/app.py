@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -14,8 +15,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from loom_auth import BearerAuthBackend, Principal, parse_role
-from loom_db import tokens
+from loom_auth import BearerAuthBackend, Principal, Role, parse_role
+from loom_db import Database, NotFound, tokens, users
 from loom_rest.api import endpoint_app
 from loom_rest.metrics import RestMetrics
 from loom_rest.openapi import openapi_document
@@ -44,7 +45,8 @@ def create_app(runtime: Runtime) -> Starlette:
             username=user.username, role=parse_role(token.role), kind="api", token_id=token.id
         )
 
-    backend = BearerAuthBackend(runtime.signing_key, lookup_api_token)
+    roles = _CurrentRoles(database)
+    backend = BearerAuthBackend(runtime.signing_key, lookup_api_token, lookup_role=roles.get)
     metrics = RestMetrics.of(runtime.registry)
     # One Route per path, so that a 405 names every method the path allows (`Allow`).
     by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
@@ -75,6 +77,33 @@ def create_app(runtime: Runtime) -> Starlette:
     app.state.runtime = runtime
     app.state.openapi = openapi_document(ENDPOINTS, VERSION)
     return app
+
+
+class _CurrentRoles:
+    """Users' current roles for access tokens (`None`: deleted or disabled), read from the
+    database and kept for `ttl` seconds: a demotion or a disabled account takes effect
+    within that, not at the token's expiry, for one indexed read per user and second."""
+
+    def __init__(self, database: Database, ttl: float = 1.0) -> None:
+        self._database = database
+        self._ttl = ttl
+        self._known: dict[str, tuple[float, Role | None]] = {}
+
+    async def get(self, username: str) -> Role | None:
+        now = time.monotonic()
+        known = self._known.get(username)
+        if known is not None and now - known[0] < self._ttl:
+            return known[1]
+        async with self._database.read() as conn:
+            try:
+                user = await users.get_user(conn, username)
+            except NotFound:
+                user = None
+        role = None if user is None or user.disabled else parse_role(user.role)
+        if len(self._known) > 10_000:
+            self._known.clear()
+        self._known[username] = (now, role)
+        return role
 
 
 class _ForwardedClient:
