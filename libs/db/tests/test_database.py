@@ -131,3 +131,105 @@ async def test_postgres_json_values_read_back_exactly(
         await db.dispose()
     assert stored == value
     assert all(type(stored[k]) is type(v) for k, v in value.items())
+
+
+async def test_direct_reads_see_what_others_committed_and_hold_no_transaction(
+    postgres_url: str,
+) -> None:
+    db = create_database(postgres_url)
+    try:
+        async with db.transaction() as conn:
+            await conn.execute(text("create table seen_direct (n int)"))
+        async with db.direct_read() as reader:
+            assert await (await reader.execute("select count(*) from seen_direct")).fetchall() == [
+                (0,)
+            ]
+            async with db.transaction() as writer:
+                await writer.execute(text("insert into seen_direct values (1)"))
+            assert await (await reader.execute("select count(*) from seen_direct")).fetchall() == [
+                (1,)
+            ]
+            first = await (await reader.execute("select transaction_timestamp()")).fetchone()
+            await asyncio.sleep(0.01)
+            second = await (await reader.execute("select transaction_timestamp()")).fetchone()
+            assert first != second
+    finally:
+        async with db.transaction() as conn:
+            await conn.execute(text("drop table if exists seen_direct"))
+        await db.dispose()
+
+
+async def _direct_pid(db: Database) -> int:
+    async with db.direct_read() as conn:
+        row = await (await conn.execute("select pg_backend_pid()")).fetchone()
+    assert row is not None
+    pid: int = row[0]
+    return pid
+
+
+async def test_direct_connections_are_reused_and_replaced_after_the_server_closed_them(
+    postgres_url: str,
+) -> None:
+    db = create_database(postgres_url, pool_size=2, max_overflow=0)
+    try:
+        async with db.direct_read() as a, db.direct_read() as b:
+            pids = set()
+            for conn in (a, b):
+                row = await (await conn.execute("select pg_backend_pid()")).fetchone()
+                assert row is not None
+                pids.add(row[0])
+        assert {await _direct_pid(db) for _ in range(5)} <= pids  # reused, not reopened
+        async with db.read() as other:
+            killed = await other.execute(
+                text("select pg_terminate_backend(pid) from unnest(cast(:p as int[])) pid"),
+                {"p": list(pids)},
+            )
+            assert all(killed.scalars())
+        await asyncio.sleep(0.2)  # the backends exit and close their sockets
+        for _ in range(3):
+            assert await _direct_pid(db) not in pids
+    finally:
+        await db.dispose()
+
+
+async def test_direct_reads_wait_for_a_connection_beyond_the_pool_limit(
+    postgres_url: str,
+) -> None:
+    db = create_database(postgres_url, pool_size=1, max_overflow=1)
+    try:
+        async with db.direct_read(), db.direct_read():
+            third = asyncio.ensure_future(_direct_pid(db))
+            await asyncio.sleep(0.2)
+            assert not third.done()
+        await asyncio.wait_for(third, 5)
+    finally:
+        await db.dispose()
+
+
+async def test_dispose_closes_the_direct_connections(postgres_url: str) -> None:
+    db = create_database(postgres_url)
+    async with db.direct_read() as idle:
+        pass
+    async with db.direct_read() as busy:
+        await db.dispose()
+    assert idle.closed
+    assert busy.closed
+    with pytest.raises(DatabaseUnavailable):
+        async with db.direct_read():
+            pass
+
+
+async def test_an_unreachable_postgres_is_unavailable_to_direct_reads() -> None:
+    db = create_database("postgresql+psycopg://postgres@127.0.0.1:1/nothing")
+    try:
+        with pytest.raises(DatabaseUnavailable):
+            async with db.direct_read():
+                pass
+    finally:
+        await db.dispose()
+
+
+async def test_direct_reads_need_postgres(sqlite_db: Database) -> None:
+    with pytest.raises(RuntimeError, match="PostgreSQL"):
+        async with sqlite_db.direct_read():
+            pass

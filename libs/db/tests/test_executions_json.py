@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import update
 
 from loom_db.database import Database
+from loom_db.errors import DatabaseUnavailable
 from loom_db.executions import (
     ExecutionRecord,
     create_execution,
@@ -139,6 +140,13 @@ async def test_pages_filters_and_cursors_match_list_executions(pg: Database) -> 
     async with pg.read() as conn:
         assert len(orjson.loads((await list_executions_json(conn, limit=1000))[0])) == 10
         assert (await list_executions_json(conn, graph="nothing")) == ("[]", None)
+        first = await list_executions_json(conn, limit=3)
+        second = await list_executions_json(conn, limit=3, cursor=first[1], graph="build")
+    async with pg.direct_read() as direct:  # psycopg's own connection: the same pages
+        assert await list_executions_json(direct, limit=3) == first
+        assert await list_executions_json(direct, limit=3, cursor=first[1], graph="build") == (
+            second
+        )
 
 
 async def test_bad_arguments_are_refused_as_list_executions_refuses_them(pg: Database) -> None:
@@ -152,6 +160,13 @@ async def test_bad_arguments_are_refused_as_list_executions_refuses_them(pg: Dat
             await list_executions_json(conn, status="done")
         with pytest.raises(ValueError, match="trigger"):
             await list_executions_json(conn, trigger_type="cron")
+
+
+async def test_a_lost_direct_connection_is_database_unavailable(pg: Database) -> None:
+    async with pg.direct_read() as direct:
+        await direct.close()
+        with pytest.raises(DatabaseUnavailable):
+            await list_executions_json(direct)
 
 
 async def test_sqlite_is_refused(sqlite_db: Database) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import orjson
 
-from loom_db import users
+from loom_db import graphs, users
 from loom_rest import Runtime, create_app
 
 
@@ -155,3 +155,21 @@ async def test_a_demoted_user_gets_the_lower_role_at_once_for_its_token(
     await asyncio.sleep(1.1)
     answer = await clients.anonymous.put("/api/v1/secrets/X", json={"value": "v"}, headers=eve)
     assert answer.status_code == 403
+
+
+async def test_an_integer_beyond_64_bits_in_params_is_422_and_stores_nothing(
+    clients: Any, runtime: Runtime
+) -> None:
+    source = "name: g1\nparams:\n  o: {type: object}\nnodes: {a: {run: 'true'}}\n"
+    async with runtime.database.transaction() as conn:
+        await graphs.apply_graph(conn, source, by="editor")
+    answer = await clients.editor.post(
+        "/api/v1/graphs/g1/executions",
+        content=b'{"params": {"o": {"x": 99999999999999999999}}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["errors"][0]["path"] == "body.params.o.x"
+    listed = await clients.viewer.get("/api/v1/executions")
+    assert listed.status_code == 200
+    assert listed.json()["items"] == []

@@ -8,7 +8,10 @@ On PostgreSQL a pooled connection is checked for life when it is handed out with
 round trip (`_check_alive`: the socket is read without blocking, so a server that closed it
 on restart is noticed and the pool reconnects), reads run in autocommit (no BEGIN and
 ROLLBACK round trips; each statement sees what was committed before it, as in a READ
-COMMITTED transaction), and JSON columns are decoded with orjson.
+COMMITTED transaction), and JSON columns are decoded with orjson. The hottest reads (the
+REST API's execution list) can skip SQLAlchemy altogether: `direct_read()` hands out a
+psycopg connection in autocommit from a small pool of its own (`_DirectPool`, sized like
+the engine's), checked for life the same way.
 
 SQLite runs in WAL mode with a busy timeout and foreign keys on; it has a single writer,
 so every transaction that writes takes the write lock at its start (`BEGIN IMMEDIATE`)
@@ -27,6 +30,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+import psycopg
+from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg.types.json import set_json_loads
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
@@ -68,9 +74,10 @@ def create_database(
     engine = create_async_engine(parsed, **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
-    else:
-        _configure_postgres(engine)
-    return Database(engine)
+        return Database(engine)
+    _configure_postgres(engine)
+    conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    return Database(engine, _DirectPool(conninfo, pool_size, pool_size + max_overflow))
 
 
 def database_from_settings(settings: LoomSettings) -> Database:
@@ -98,10 +105,20 @@ def _json_loads(data: bytes | str) -> Any:
     return json.loads(raw)
 
 
-def _configure_postgres(engine: AsyncEngine) -> None:
-    from psycopg.pq import ConnStatus
-    from psycopg.types.json import set_json_loads
+def _is_alive(connection: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection is still open, without a round trip: read what its
+    socket holds without blocking. A server that stopped or restarted closed it (after a
+    FATAL message, hence two reads)."""
+    pgconn = connection.pgconn
+    try:
+        for _ in range(2):
+            pgconn.consume_input()
+    except psycopg.OperationalError:  # the socket is gone
+        return False
+    return pgconn.status == ConnStatus.OK
 
+
+def _configure_postgres(engine: AsyncEngine) -> None:
     sync_engine = engine.sync_engine
 
     @event.listens_for(sync_engine, "connect")
@@ -110,18 +127,71 @@ def _configure_postgres(engine: AsyncEngine) -> None:
 
     @event.listens_for(sync_engine, "checkout")
     def _check_alive(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        """Instead of a pre-ping (a round trip per checkout): read what the idle socket
-        holds without blocking. A server that stopped or restarted closed it (after a
-        FATAL message, hence two reads), and the pool then reconnects, every older
-        connection discarded, as after a failed pre-ping."""
-        pgconn = dbapi_connection.driver_connection.pgconn
-        try:
-            for _ in range(2):
-                pgconn.consume_input()
-        except Exception as exc:  # psycopg's OperationalError: the socket is gone
-            raise sa_exc.InvalidatePoolError(str(exc)) from exc
-        if pgconn.status != ConnStatus.OK:
+        """Instead of a pre-ping (a round trip per checkout): `_is_alive`. The pool then
+        reconnects, every older connection discarded, as after a failed pre-ping."""
+        if not _is_alive(dbapi_connection.driver_connection):
             raise sa_exc.InvalidatePoolError("the connection to PostgreSQL is closed")
+
+
+class _DirectPool:
+    """psycopg connections in autocommit for `Database.direct_read()`, outside SQLAlchemy
+    (whose checkout, return and greenlet hops cost more than a short read itself).
+
+    At most `limit` connections are open at once (a caller waits for one to be returned);
+    up to `size` idle ones are kept. A connection is handed out only if `_is_alive`, so
+    after a server restart the stale ones are dropped and new ones made; one returned in
+    a bad state (broken, or inside a transaction) is closed. Connecting opens a new one
+    at once: a server that is down fails the read, it does not make it wait.
+    """
+
+    def __init__(self, conninfo: str, size: int, limit: int) -> None:
+        self._conninfo = conninfo
+        self._size = size
+        self._limit = asyncio.Semaphore(limit)
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        self._closed = False
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self._limit:
+            connection = await self._get()
+            try:
+                yield connection
+            finally:
+                await self._put(connection)
+
+    async def _get(self) -> psycopg.AsyncConnection[Any]:
+        if self._closed:
+            raise DatabaseUnavailable("the database has been disposed of")
+        while self._idle:
+            connection = self._idle.pop()
+            if _is_alive(connection):
+                return connection
+            await connection.close()
+        try:
+            connection = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"database unavailable: {exc}") from exc
+        set_json_loads(_json_loads, connection)
+        return connection
+
+    async def _put(self, connection: psycopg.AsyncConnection[Any]) -> None:
+        reusable = (
+            not self._closed
+            and len(self._idle) < self._size
+            and connection.pgconn.status == ConnStatus.OK
+            and connection.pgconn.transaction_status == TransactionStatus.IDLE
+        )
+        if reusable:
+            self._idle.append(connection)
+        else:
+            await connection.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.close()
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -147,8 +217,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 class Database:
     """The process's database: one engine, transactions, and the outbox wake-up hooks."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, direct: _DirectPool | None = None) -> None:
         self.engine = engine
+        self._direct = direct
         self.dialect = engine.dialect.name
         options: dict[str, Any] = {"loom_readonly": True}
         if self.dialect == "postgresql":
@@ -178,6 +249,19 @@ class Database:
             async with self._reader.connect() as conn:
                 yield conn
 
+    @asynccontextmanager
+    async def direct_read(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """PostgreSQL only: a psycopg connection in autocommit for reading, never writing,
+        outside SQLAlchemy (its own small pool; see `_DirectPool`), for the hottest
+        reads. Each statement sees what was committed before it, as in `read()`. Errors
+        of the statements run on it are the caller's to translate (e.g. with
+        `classify_driver_error`); failing to connect raises `DatabaseUnavailable`.
+        Raises `RuntimeError` on SQLite."""
+        if self._direct is None:
+            raise RuntimeError(f"direct_read() needs PostgreSQL, not {self.dialect}")
+        async with self._direct.connection() as connection:
+            yield connection
+
     def on_commit(self, callback: Callable[[], None]) -> None:
         """Call `callback` after every `notify_committed()` (the outbox relay's wake-up)."""
         self._after_commit.append(callback)
@@ -202,4 +286,7 @@ class Database:
         raise AssertionError("unreachable")
 
     async def dispose(self) -> None:
+        """Close every pooled connection (the engine's and `direct_read()`'s)."""
+        if self._direct is not None:
+            await self._direct.close()
         await self.engine.dispose()

@@ -324,7 +324,7 @@ def _json_query(present: tuple[bool, ...]) -> str:
 
 
 async def list_executions_json(
-    conn: AsyncConnection,
+    conn: AsyncConnection | psycopg.AsyncConnection[Any],
     *,
     graph: str | None = None,
     status: str | None = None,
@@ -336,11 +336,12 @@ async def list_executions_json(
     the JSON array (text) of the executions as the REST API lists them (`ExecutionOut`
     without nodes: times in UTC with `Z`, `params` as PostgreSQL writes JSON), and the
     same next cursor. One statement on the driver's connection: no row reaches Python.
+    `conn` is SQLAlchemy's or psycopg's own (`Database.direct_read()`).
 
     Raises `ValueError` as `list_executions` does, and for a connection that is not
-    PostgreSQL's.
+    PostgreSQL's; `DatabaseUnavailable` for a lost connection.
     """
-    if conn.dialect.name != "postgresql":
+    if isinstance(conn, AsyncConnection) and conn.dialect.name != "postgresql":
         raise ValueError("list_executions_json needs PostgreSQL")
     check_limit(limit)
     params: dict[str, Any] = {"limit": limit}
@@ -352,16 +353,23 @@ async def list_executions_json(
         params["at"], params["id"] = decode_cursor(cursor, datetime, str)
     params.update(graph=graph, status=status, trigger_type=trigger_type)
     present = (graph is not None, status is not None, trigger_type is not None, cursor is not None)
-    driver = (await conn.get_raw_connection()).driver_connection
+    if isinstance(conn, AsyncConnection):
+        driver = cast(
+            "psycopg.AsyncConnection[Any]", (await conn.get_raw_connection()).driver_connection
+        )
+    else:
+        driver = conn
     try:
-        async with driver.cursor() as cur:  # type: ignore[union-attr]
+        async with driver.cursor() as cur:
             await cur.execute(_json_query(present), params)
-            items, count, last_at, last_id = await cur.fetchone()
+            row = await cur.fetchone()
     except psycopg.Error as exc:  # not wrapped by SQLAlchemy: translated here
         kind = classify_driver_error(exc)
         if kind is None:
             raise
         raise kind(f"database unavailable: {exc}") from exc
+    assert row is not None  # an aggregate: always one row
+    items, count, last_at, last_id = row
     next_cursor = encode_cursor(last_at, last_id) if count > limit else None
     return f"[{items or ''}]", next_cursor
 

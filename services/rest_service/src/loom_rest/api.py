@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import orjson
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 from starlette.authentication import AuthCredentials, AuthenticationBackend
 from starlette.requests import Request
@@ -141,8 +142,10 @@ async def _json_body(
     if kind not in (JSON, "") and not kind.endswith("+json"):
         raise ApiProblem(415, f"send the body as {JSON}, not {kind}")
     try:
-        data = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError as exc:
+        # pydantic's parser, as the model's below: it keeps big integers as integers
+        # (orjson would make them floats) so that `_refuse_nul` sees them.
+        data = pydantic_core.from_json(raw) if raw.strip() else {}
+    except ValueError as exc:
         error = {"path": "body", "message": f"not valid JSON: {exc}", "line": None}
         raise unprocessable("the body is not valid JSON", [error]) from None
     _refuse_nul(data, "body")
@@ -155,11 +158,17 @@ async def _json_body(
 
 
 def _refuse_nul(value: Any, path: str) -> None:
-    """422 for a NUL character anywhere in `value`: no stored text may hold one
-    (PostgreSQL refuses it), so it is refused here with its place, not by the driver."""
+    """422 for what no stored value may hold, with its place: a NUL character anywhere
+    (PostgreSQL refuses it) or an integer beyond 64 bits (JSON columns, answers and
+    messages carry 64-bit integers: a bigger one would be stored, then fail every answer
+    that shows it)."""
     if isinstance(value, str):
         if "\x00" in value:
             error = {"path": path, "message": "must not contain NUL characters", "line": None}
+            raise unprocessable("the request is not valid", [error])
+    elif isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            error = {"path": path, "message": "an integer must fit in 64 bits", "line": None}
             raise unprocessable("the request is not valid", [error])
     elif isinstance(value, dict):
         for key, item in value.items():

@@ -284,25 +284,24 @@ async def trigger_execution(call: Call[TriggerIn, None]) -> Response:
 
 async def list_executions(call: Call[None, ExecutionQuery]) -> Response:
     """An `ExecutionPage`. On PostgreSQL the database writes the items' JSON (the same
-    values; `params` spaced as PostgreSQL writes JSON): no row is decoded in Python."""
+    values; `params` spaced as PostgreSQL writes JSON) on a connection of
+    `Database.direct_read()`: no row is decoded in Python, no SQLAlchemy in the way."""
     query = call.query
     database = call.runtime.database
-    async with database.read() as conn:
-        try:
-            if database.is_postgres:
+    try:
+        if database.is_postgres:
+            async with database.direct_read() as direct:
                 items, next_cursor = await executions.list_executions_json(
-                    conn,
+                    direct,
                     graph=query.graph,
                     status=query.status,
                     trigger_type=query.trigger,
                     limit=query.limit,
                     cursor=query.cursor,
                 )
-                body = b'{"items":%b,"next_cursor":%b}' % (
-                    items.encode(),
-                    orjson.dumps(next_cursor),
-                )
-                return Response(body, media_type=JSON)
+            body = b'{"items":%b,"next_cursor":%b}' % (items.encode(), orjson.dumps(next_cursor))
+            return Response(body, media_type=JSON)
+        async with database.read() as conn:
             records, next_cursor = await executions.list_executions(
                 conn,
                 graph=query.graph,
@@ -311,9 +310,9 @@ async def list_executions(call: Call[None, ExecutionQuery]) -> Response:
                 limit=query.limit,
                 cursor=query.cursor,
             )
-        except ValueError as exc:  # the cursor: the rest is checked by the query model
-            error = {"path": "query.cursor", "message": str(exc), "line": None}
-            raise unprocessable("the query is not valid", [error]) from None
+    except ValueError as exc:  # the cursor: the rest is checked by the query model
+        error = {"path": "query.cursor", "message": str(exc), "line": None}
+        raise unprocessable("the query is not valid", [error]) from None
     return execution_page_response(records, next_cursor)
 
 
