@@ -173,3 +173,32 @@ async def test_an_integer_beyond_64_bits_in_params_is_422_and_stores_nothing(
     listed = await clients.viewer.get("/api/v1/executions")
     assert listed.status_code == 200
     assert listed.json()["items"] == []
+
+
+async def test_a_repeated_idempotency_key_answers_as_first_after_a_pause_or_a_new_default(
+    clients: Any, runtime: Runtime
+) -> None:
+    """DESIGN §5: the same key again answers 200 with the same execution — also when the
+    graph was paused, or a new version changed a default, in between."""
+    first_version = (
+        "name: g2\nparams:\n  n: {type: integer, default: 1}\nnodes: {a: {run: 'true'}}\n"
+    )
+    async with runtime.database.transaction() as conn:
+        await graphs.apply_graph(conn, first_version, by="editor")
+    key = {"Idempotency-Key": "deploy-42"}
+    first = await clients.editor.post("/api/v1/graphs/g2/executions", json={}, headers=key)
+    assert first.status_code == 202, first.text
+    async with runtime.database.transaction() as conn:
+        await graphs.apply_graph(conn, first_version.replace("default: 1", "default: 2"), by="x")
+        await graphs.set_enabled(conn, "g2", False, by="x")
+    again = await clients.editor.post("/api/v1/graphs/g2/executions", json={}, headers=key)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == first.json()["id"]
+    other = await clients.editor.post(
+        "/api/v1/graphs/g2/executions", json={"params": {"n": 5}}, headers=key
+    )
+    assert other.status_code == 422
+    fresh = await clients.editor.post(
+        "/api/v1/graphs/g2/executions", json={}, headers={"Idempotency-Key": "deploy-43"}
+    )
+    assert fresh.status_code == 409  # paused: a new key starts nothing

@@ -205,6 +205,14 @@ async def create_execution(
     return record, True
 
 
+async def find_by_key(conn: AsyncConnection, idempotency_key: str) -> ExecutionRecord | None:
+    """The execution an idempotency key already started, or None."""
+    row = (
+        await conn.execute(select(*_COLUMNS).where(_c.idempotency_key == idempotency_key))
+    ).first()
+    return None if row is None else _record(row)
+
+
 async def get_execution(conn: AsyncConnection, execution_id: str) -> ExecutionRecord:
     """The execution `execution_id`. Raises `NotFound`."""
     row = (await conn.execute(select(*_COLUMNS).where(_c.id == execution_id))).first()

@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.responses import Response
 
 from loom_auth import Role
@@ -231,52 +232,70 @@ def _paused(name: str) -> ApiProblem:
 
 
 async def trigger_execution(call: Call[TriggerIn, None]) -> Response:
-    """202 with the new execution; 200 with the one an `Idempotency-Key` already made."""
+    """202 with the new execution; 200 with the one an `Idempotency-Key` already made.
+
+    A key seen before answers what it answered first, even if the graph was paused or
+    changed since: the params sent are resolved against the version that execution ran,
+    and compared with its params (422 when they differ)."""
     name = _graph_name(call)
     key = _idempotency_key(call)
     user = call.user.username
     database = call.runtime.database
+    stored_key = None if key is None else executions.rest_key(name, user, key)
+    if stored_key is not None and len(stored_key) > executions.MAX_KEY_LENGTH:
+        message = f"with the graph and user it is longer than {executions.MAX_KEY_LENGTH}"
+        error = {"path": f"header.{IDEMPOTENCY_HEADER}", "message": message, "line": None}
+        raise unprocessable(f"the {IDEMPOTENCY_HEADER} is too long", [error])
     async with database.transaction() as conn:
+        record = None if stored_key is None else await executions.find_by_key(conn, stored_key)
+        if record is not None:
+            return await _repeated(conn, call, record)
         graph = await graphs.get_graph(conn, name)
         if not graph.enabled:
             raise _paused(name)
         params = _resolve(graph.spec, call.body.params)
-        try:
-            record, created = await executions.create_execution(
-                conn,
-                graph=name,
-                graph_version=graph.version,
-                params=params,
-                trigger_type="manual",
-                trigger_info={"user": user},
-                idempotency_key=None if key is None else executions.rest_key(name, user, key),
-            )
-        except ValueError as exc:  # the stored key (graph and user included) is too long
-            error = {"path": f"header.{IDEMPOTENCY_HEADER}", "message": str(exc), "line": None}
-            raise unprocessable(f"the {IDEMPOTENCY_HEADER} is too long", [error]) from None
-        if created:
-            await audit.record(
-                conn,
-                actor=user,
-                action="execution.create",
-                object_type="execution",
-                object_id=record.id,
-                detail={"graph": name, "version": graph.version, "trigger": "manual"},
-            )
-    if not created:
-        if record.params != params:
-            error = {
-                "path": "body.params",
-                "message": f"differ from the params of execution {record.id}, which this "
-                f"{IDEMPOTENCY_HEADER} already started",
-                "line": None,
-            }
-            raise unprocessable(
-                f"the {IDEMPOTENCY_HEADER} was already used with other params", [error]
-            )
-        return json_response(execution_out(record), 200)
+        record, created = await executions.create_execution(
+            conn,
+            graph=name,
+            graph_version=graph.version,
+            params=params,
+            trigger_type="manual",
+            trigger_info={"user": user},
+            idempotency_key=stored_key,
+        )
+        if not created:  # a concurrent request with the same key won the insert
+            return await _repeated(conn, call, record)
+        await audit.record(
+            conn,
+            actor=user,
+            action="execution.create",
+            object_type="execution",
+            object_id=record.id,
+            detail={"graph": name, "version": graph.version, "trigger": "manual"},
+        )
     database.notify_committed()
     return json_response(execution_out(record), 202)
+
+
+async def _repeated(
+    conn: AsyncConnection, call: Call[TriggerIn, None], record: ExecutionRecord
+) -> Response:
+    """The answer to a repeated `Idempotency-Key`: 200 with its execution, or 422 when the
+    params sent now resolve to other params than it ran with."""
+    try:
+        spec = (await graphs.get_graph(conn, record.graph, record.graph_version)).spec
+        params = _resolve(spec, call.body.params)
+    except NotFound:  # that version was deleted since: compare what can be compared
+        params = call.body.params
+    if record.params != params:
+        error = {
+            "path": "body.params",
+            "message": f"differ from the params of execution {record.id}, which this "
+            f"{IDEMPOTENCY_HEADER} already started",
+            "line": None,
+        }
+        raise unprocessable(f"the {IDEMPOTENCY_HEADER} was already used with other params", [error])
+    return json_response(execution_out(record), 200)
 
 
 # --- read -------------------------------------------------------------------------------
