@@ -307,31 +307,20 @@ async def list_executions(call: Call[None, ExecutionQuery]) -> Response:
     `Database.direct_read()`: no row is decoded in Python, no SQLAlchemy in the way."""
     query = call.query
     database = call.runtime.database
-    try:
-        if database.is_postgres:
-            async with database.direct_read() as direct:
-                items, next_cursor = await executions.list_executions_json(
-                    direct,
-                    graph=query.graph,
-                    status=query.status,
-                    trigger_type=query.trigger,
-                    limit=query.limit,
-                    cursor=query.cursor,
-                )
-            body = b'{"items":%b,"next_cursor":%b}' % (items.encode(), orjson.dumps(next_cursor))
-            return Response(body, media_type=JSON)
-        async with database.read() as conn:
-            records, next_cursor = await executions.list_executions(
-                conn,
-                graph=query.graph,
-                status=query.status,
-                trigger_type=query.trigger,
-                limit=query.limit,
-                cursor=query.cursor,
-            )
-    except ValueError as exc:  # the cursor: the rest is checked by the query model
-        error = {"path": "query.cursor", "message": str(exc), "line": None}
-        raise unprocessable("the query is not valid", [error]) from None
+    page: dict[str, Any] = {
+        "graph": query.graph,
+        "status": query.status,
+        "trigger_type": query.trigger,
+        "limit": query.limit,
+        "cursor": query.cursor,
+    }
+    if database.is_postgres:
+        async with database.direct_read() as direct:
+            items, next_cursor = await executions.list_executions_json(direct, **page)
+        body = b'{"items":%b,"next_cursor":%b}' % (items.encode(), orjson.dumps(next_cursor))
+        return Response(body, media_type=JSON)
+    async with database.read() as conn:
+        records, next_cursor = await executions.list_executions(conn, **page)
     return execution_page_response(records, next_cursor)
 
 
