@@ -480,3 +480,21 @@ def test_serve_names_the_services_it_knows(loom: Loom) -> None:
 
     assert result.exit_code == 2
     assert "'nope' is not 'rest'" in result.stderr
+
+
+def test_a_command_that_raced_another_refresh_adopts_its_pair_and_stays_logged_in(
+    loom: Loom, logged_in: Path, monkeypatch: pytest.MonkeyPatch, config_dir: Path
+) -> None:
+    """Two commands start with the same expired token; the first refreshes. The second
+    must not present the spent refresh token (the server would end the session)."""
+    from loom_cli.remote import _client
+
+    stored = json.loads(logged_in.read_text())
+    logged_in.write_text(json.dumps({**stored, "access_token": "expired.or.garbage"}))
+    monkeypatch.setenv("LOOM_CONFIG_DIR", str(config_dir))
+    with _client(None, None) as second:  # reads the expired pair, as a command would
+        assert loom("graphs").exit_code == 0  # the first command refreshes and stores
+
+        assert second.get("/graphs") is not None  # 401, then the stored pair is adopted
+        assert second.refresh_token == json.loads(logged_in.read_text())["refresh_token"]
+    assert loom("graphs").exit_code == 0  # the session is alive

@@ -16,6 +16,7 @@ the new pair handed to `on_refresh` to be stored) and the request retried once.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,6 +133,10 @@ class Client:
     token: str | None = None
     refresh_token: str | None = None
     on_refresh: Callable[[TokenPair], None] | None = None
+    refresh_guard: Callable[[], AbstractContextManager[TokenPair | None]] | None = None
+    """Held around a refresh (and `on_refresh`): a lock shared with other `loom`
+    processes, yielding the pair stored now (None if none) so that a pair another
+    process refreshed meanwhile is adopted instead of presenting a spent token."""
     timeout: float = 30.0
     transport: httpx.BaseTransport | None = None
     _http: httpx.Client = field(init=False, repr=False)
@@ -201,6 +206,15 @@ class Client:
         return _token_pair(answer)
 
     def _refresh(self) -> None:
+        assert self.refresh_token is not None
+        with self.refresh_guard() if self.refresh_guard is not None else nullcontext() as latest:
+            if latest is not None and latest.refresh_token != self.refresh_token:
+                # Another command refreshed meanwhile: its pair is the live one.
+                self.token, self.refresh_token = latest.access_token, latest.refresh_token
+                return
+            self._refresh_now()
+
+    def _refresh_now(self) -> None:
         assert self.refresh_token is not None
         response = self._send(
             "POST", "/auth/refresh", {"refresh_token": self.refresh_token}, None, None, None, False

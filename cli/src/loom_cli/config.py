@@ -9,13 +9,22 @@ old file whole.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["Credentials", "config_dir", "credentials_path", "load_credentials", "save_credentials"]
+__all__ = [
+    "Credentials",
+    "config_dir",
+    "credentials_lock",
+    "credentials_path",
+    "load_credentials",
+    "save_credentials",
+]
 
 FILE_NAME = "credentials.json"
 
@@ -89,6 +98,22 @@ def save_credentials(credentials: Credentials, path: Path | None = None) -> Path
             temporary.unlink()
         raise
     return path
+
+
+@contextmanager
+def credentials_lock(path: Path | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the credentials (a `.lock` file beside them) for a
+    refresh: two `loom` commands refreshing at once would present the same refresh token,
+    and the server would take the second for a stolen one and end the session. Raises
+    `OSError` when the lock file cannot be made."""
+    path = path or credentials_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _text(value: object) -> str | None:

@@ -36,7 +36,13 @@ from loom_cli.client import (
     TokenPair,
     normalize_server,
 )
-from loom_cli.config import Credentials, credentials_path, load_credentials, save_credentials
+from loom_cli.config import (
+    Credentials,
+    credentials_lock,
+    credentials_path,
+    load_credentials,
+    save_credentials,
+)
 from loom_cli.local import parse_params
 from loom_common import ParamError, ParamSpec
 
@@ -135,8 +141,21 @@ def _client(server: str | None, token: str | None) -> Client:
             )
         )
 
+    @contextmanager
+    def guard() -> Iterator[TokenPair | None]:
+        with credentials_lock():
+            latest = load_credentials()
+            if latest is None or latest.server != creds.server or not latest.refresh_token:
+                yield None
+            else:
+                yield TokenPair(latest.access_token, latest.refresh_token)
+
     return Client(
-        creds.server, creds.access_token, refresh_token=creds.refresh_token, on_refresh=store
+        creds.server,
+        creds.access_token,
+        refresh_token=creds.refresh_token,
+        on_refresh=store,
+        refresh_guard=guard,
     )
 
 
