@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,16 +26,28 @@ FIELDS = {
 }
 
 
-def test_engine_benchmark_quick_prints_b1_and_b2() -> None:
+def needs_postgres(benchmark: str) -> None:
+    if not os.environ.get("LOOM_TEST_POSTGRES_URL"):
+        if os.environ.get("LOOM_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail("LOOM_TEST_POSTGRES_URL is not set and LOOM_TEST_REQUIRE_SERVICES=1")
+        pytest.skip(f"LOOM_TEST_POSTGRES_URL is not set: the {benchmark} benchmark needs it")
+
+
+def figures_of(script: str, *args: str) -> list[dict[str, Any]]:
+    """Run `benchmarks/SCRIPT --quick --repeat 1 ARGS` as the README does; its JSON lines."""
     result = subprocess.run(
-        [sys.executable, "benchmarks/engine.py", "--quick", "--repeat", "1"],
+        [sys.executable, f"benchmarks/{script}", "--quick", "--repeat", "1", *args],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
-    figures = [json.loads(line) for line in result.stdout.splitlines()]
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_engine_benchmark_quick_prints_b1_and_b2() -> None:
+    figures = figures_of("engine.py")
     assert [f["benchmark"] for f in figures] == ["B1", "B2"]
     for figure in figures:
         assert FIELDS <= set(figure)
@@ -42,19 +55,8 @@ def test_engine_benchmark_quick_prints_b1_and_b2() -> None:
 
 
 def test_db_logs_benchmark_quick_prints_bdb() -> None:
-    if not os.environ.get("LOOM_TEST_POSTGRES_URL"):
-        if os.environ.get("LOOM_TEST_REQUIRE_SERVICES") == "1":
-            pytest.fail("LOOM_TEST_POSTGRES_URL is not set and LOOM_TEST_REQUIRE_SERVICES=1")
-        pytest.skip("LOOM_TEST_POSTGRES_URL is not set: the Bdb benchmark needs PostgreSQL")
-    result = subprocess.run(
-        [sys.executable, "benchmarks/db_logs.py", "--quick", "--repeat", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    figures = [json.loads(line) for line in result.stdout.splitlines()]
+    needs_postgres("Bdb")
+    figures = figures_of("db_logs.py")
     assert [f["benchmark"] for f in figures] == ["Bdb", "Bdb"]
     for figure in figures:
         assert FIELDS <= set(figure)
@@ -62,41 +64,14 @@ def test_db_logs_benchmark_quick_prints_bdb() -> None:
 
 
 def test_messaging_benchmark_quick_prints_bmsg() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/messaging.py",
-            "--quick",
-            "--repeat",
-            "1",
-            "--only",
-            "memory,relay",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    figures = [json.loads(line) for line in result.stdout.splitlines()]
+    figures = figures_of("messaging.py", "--only", "memory,relay")
     assert figures and all(f["benchmark"] == "Bmsg" for f in figures)
     assert all(f["value"] > 0 for f in figures)
 
 
 def test_rest_benchmark_quick_prints_brest_for_get_and_post() -> None:
-    if not os.environ.get("LOOM_TEST_POSTGRES_URL"):
-        if os.environ.get("LOOM_TEST_REQUIRE_SERVICES") == "1":
-            pytest.fail("LOOM_TEST_POSTGRES_URL is not set and LOOM_TEST_REQUIRE_SERVICES=1")
-        pytest.skip("LOOM_TEST_POSTGRES_URL is not set: the Brest benchmark needs PostgreSQL")
-    result = subprocess.run(
-        [sys.executable, "benchmarks/rest.py", "--quick", "--repeat", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    figures = [json.loads(line) for line in result.stdout.splitlines()]
+    needs_postgres("Brest")
+    figures = figures_of("rest.py")
     assert [f["benchmark"] for f in figures] == ["Brest", "Brest"]
     assert [f["name"].split()[0] for f in figures] == ["GET", "POST"]
     for figure in figures:
