@@ -24,6 +24,7 @@ from loom_db.executions import (
     create_execution,
     finish,
     get_execution,
+    last_timer_tick,
     list_executions,
     reap,
     release,
@@ -229,6 +230,42 @@ async def test_key_namespaces_never_collide(db: Database) -> None:
     keys = [rest_key("g", "x", "1"), webhook_key("g", "x", "1"), timer_key("g", "x", "1")]
     ids = {(await create(db, graph="g", key=key)).id for key in keys}
     assert len(ids) == 3
+
+
+async def test_the_last_timer_tick_is_the_newest_fire_time_of_that_trigger(
+    db: Database,
+) -> None:
+    """Newest by time, not by insertion order nor as text (`05Z` is before `05.25Z`)."""
+
+    async def fire(graph: str, trigger_id: str, fire_time: str, kind: str = "timer") -> None:
+        async with db.transaction() as conn:
+            await create_execution(
+                conn,
+                graph=graph,
+                graph_version=1,
+                params={},
+                trigger_type=kind,
+                trigger_info={"fire_time": fire_time, "trigger_id": trigger_id},
+                idempotency_key=f"{kind}:{graph}:{trigger_id}:{fire_time}",
+            )
+
+    async def last(graph: str, trigger_id: str) -> datetime | None:
+        async with db.read() as conn:
+            return await last_timer_tick(conn, graph, trigger_id)
+
+    assert await last(GRAPH, "every-a") is None
+    for fire_time in (
+        "2026-11-23T10:15:05Z",
+        "2026-11-23T10:15:05.250000Z",
+        "2026-11-23T09:00:00Z",
+    ):
+        await fire(GRAPH, "every-a", fire_time)
+    await fire(GRAPH, "every-b", "2026-11-23T11:00:00Z")  # another trigger
+    await fire("other", "every-a", "2026-11-23T12:00:00Z")  # another graph
+    await fire(GRAPH, "every-a", "2026-11-23T13:00:00Z", kind="manual")  # not a timer
+    assert await last(GRAPH, "every-a") == datetime(2026, 11, 23, 10, 15, 5, 250000, tzinfo=UTC)
+    assert await last(GRAPH, "every-b") == datetime(2026, 11, 23, 11, tzinfo=UTC)
+    assert await last("other", "every-b") is None
 
 
 async def test_bad_arguments_are_value_errors(db: Database) -> None:

@@ -53,12 +53,15 @@ def test_public_api_is_pinned() -> None:
         "DRIFT_WARNING",
         "JOB_OPTIONS",
         "CatchUp",
+        "FireResult",
         "Schedule",
         "ScheduleTrigger",
         "TimerKind",
         "TimerSpec",
         "delay_anchor",
         "due_ticks",
+        "fire_due",
+        "last_tick",
         "lateness",
     }
 

@@ -16,12 +16,12 @@ from datetime import datetime
 from typing import Any, Final, Literal, cast, get_args
 
 import psycopg
-from sqlalchemy import and_, insert, or_, select
+from sqlalchemy import and_, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from loom_common import format_instant
+from loom_common import format_instant, parse_instant
 from loom_db.errors import Conflict, NotFound, classify_driver_error
 from loom_db.models import executions
 from loom_db.pagination import check_limit, decode_cursor, encode_cursor
@@ -44,6 +44,7 @@ __all__ = [
     "create_execution",
     "finish",
     "get_execution",
+    "last_timer_tick",
     "list_executions",
     "list_executions_json",
     "reap",
@@ -211,6 +212,31 @@ async def find_by_key(conn: AsyncConnection, idempotency_key: str) -> ExecutionR
         await conn.execute(select(*_COLUMNS).where(_c.idempotency_key == idempotency_key))
     ).first()
     return None if row is None else _record(row)
+
+
+async def last_timer_tick(conn: AsyncConnection, graph: str, trigger_id: str) -> datetime | None:
+    """The newest scheduled time already fired for the timer trigger `trigger_id` of
+    `graph` (the `fire_time` of its newest `timer` execution, aware UTC), or None if it
+    never fired. Raises `loom_common.CronError` if a stored `fire_time` is not an instant.
+    """
+    fire_time = _c.trigger_info["fire_time"].as_string()
+    query = (
+        select(fire_time)
+        .where(
+            _c.graph == graph,
+            _c.trigger_type == "timer",
+            _c.trigger_info["trigger_id"].as_string() == trigger_id,
+        )
+        # `format_instant` text sorts as time except within one second, where the bare
+        # `...:05Z` must come before `...:05.250000Z` ('.' < 'Z'): the whole second first,
+        # then the longer text (with a fraction), then the fraction (always 6 digits).
+        .order_by(
+            func.substr(fire_time, 1, 19).desc(), func.length(fire_time).desc(), fire_time.desc()
+        )
+        .limit(1)
+    )
+    newest = (await conn.execute(query)).scalar_one_or_none()
+    return None if newest is None else parse_instant(newest)
 
 
 async def get_execution(conn: AsyncConnection, execution_id: str) -> ExecutionRecord:
