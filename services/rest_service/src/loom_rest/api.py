@@ -82,7 +82,6 @@ class Endpoint:
     query: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
     errors: tuple[int, ...] = ()
-    max_body: int | None = None
     request_content: dict[str, Any] | None = None
     response_content: dict[str, Any] = field(default_factory=dict)
     other_statuses: dict[int, str] = field(default_factory=dict)
@@ -143,12 +142,12 @@ async def _json_body(
         raise ApiProblem(415, f"send the body as {JSON}, not {kind}")
     try:
         # pydantic's parser, as the model's below: it keeps big integers as integers
-        # (orjson would make them floats) so that `_refuse_nul` sees them.
+        # (orjson would make them floats) so that `_refuse_unstorable` sees them.
         data = pydantic_core.from_json(raw) if raw.strip() else {}
     except ValueError as exc:
         error = {"path": "body", "message": f"not valid JSON: {exc}", "line": None}
         raise unprocessable("the body is not valid JSON", [error]) from None
-    _refuse_nul(data, "body")
+    _refuse_unstorable(data, "body")
     try:
         # From the JSON text: strict models then take JSON's own types (and ISO times).
         return model.model_validate_json(raw if raw.strip() else b"{}")
@@ -157,7 +156,7 @@ async def _json_body(
         raise unprocessable("the request body is not valid", errors) from None
 
 
-def _refuse_nul(value: Any, path: str) -> None:
+def _refuse_unstorable(value: Any, path: str) -> None:
     """422 for what no stored value may hold, with its place: a NUL character anywhere
     (PostgreSQL refuses it) or an integer beyond 64 bits (JSON columns, answers and
     messages carry 64-bit integers: a bigger one would be stored, then fail every answer
@@ -172,11 +171,11 @@ def _refuse_nul(value: Any, path: str) -> None:
             raise unprocessable("the request is not valid", [error])
     elif isinstance(value, dict):
         for key, item in value.items():
-            _refuse_nul(key, path)
-            _refuse_nul(item, f"{path}.{key}")
+            _refuse_unstorable(key, path)
+            _refuse_unstorable(item, f"{path}.{key}")
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _refuse_nul(item, f"{path}.{index}")
+            _refuse_unstorable(item, f"{path}.{index}")
 
 
 def _query(request: Request, model: type[BaseModel]) -> BaseModel:
@@ -185,7 +184,7 @@ def _query(request: Request, model: type[BaseModel]) -> BaseModel:
         if key in params:
             error = {"path": f"query.{key}", "message": "given more than once", "line": None}
             raise unprocessable("the query is not valid", [error])
-        _refuse_nul(value, f"query.{key}")
+        _refuse_unstorable(value, f"query.{key}")
         params[key] = value
     try:
         return model.model_validate(params)
@@ -202,7 +201,7 @@ def endpoint_app(
 ) -> Callable[[Request], Awaitable[Response]]:
     """The Starlette endpoint of `endpoint`: authorize, validate, call, answer; every
     error becomes problem details here, and every answer is observed."""
-    limit = endpoint.max_body or runtime.settings.rest_max_body_bytes
+    limit = runtime.settings.rest_max_body_bytes
 
     async def run(request: Request) -> Response:
         started = time.perf_counter()

@@ -72,16 +72,14 @@ class ApiProblem(Exception):
         )
 
 
-def validation_errors(
-    exc: ValidationError, where: str, lines: Mapping[str, int] | None = None
-) -> list[dict[str, Any]]:
+def validation_errors(exc: ValidationError, where: str) -> list[dict[str, Any]]:
     """`{path, message, line}` for each error of a request model; `where` ("body",
     "query") prefixes the path."""
     found = []
     for error in exc.errors(include_url=False):
         path = ".".join([where, *(str(part) for part in error["loc"])])
         message = str(error["msg"]).removeprefix("Value error, ")
-        found.append({"path": path, "message": message, "line": (lines or {}).get(path)})
+        found.append({"path": path, "message": message, "line": None})
     return found
 
 

@@ -48,7 +48,6 @@ from loom_rest.schemas import (
     Valid,
     VersionOut,
 )
-from loom_rest.settings import RestSettings
 
 __all__ = ["ENDPOINTS"]
 
@@ -70,10 +69,6 @@ GRAPH_CONTENT: dict[str, Any] = {
     },
 }
 """The request body of the routes that take a graph document."""
-
-MAX_GRAPH_BYTES: int = RestSettings.model_fields["rest_max_graph_bytes"].default
-"""The endpoints' `max_body`, for the record: the handlers read the document with the
-runtime's `rest_max_graph_bytes` themselves (they have no JSON body model)."""
 
 
 class VersionQuery(BaseModel):
@@ -306,7 +301,6 @@ ENDPOINTS: list[Endpoint] = [
         status=201,
         response=GraphOut,
         errors=(400, 409),
-        max_body=MAX_GRAPH_BYTES,
         request_content=GRAPH_CONTENT,
     ),
     Endpoint(
@@ -317,7 +311,6 @@ ENDPOINTS: list[Endpoint] = [
         "Validate a graph document without storing it",
         response=Valid,
         errors=(400,),
-        max_body=MAX_GRAPH_BYTES,
         request_content=GRAPH_CONTENT,
     ),
     Endpoint(
@@ -337,7 +330,6 @@ ENDPOINTS: list[Endpoint] = [
         "Create or update a graph: the same spec keeps its version, a changed one is version + 1",
         response=GraphOut,
         errors=(400,),
-        max_body=MAX_GRAPH_BYTES,
         request_content=GRAPH_CONTENT,
         other_statuses={201: "Created"},
     ),
