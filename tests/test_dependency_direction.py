@@ -2,6 +2,8 @@
 
 * `loom_common` imports no other Loom package;
 * the other libs (`loom_db`, `loom_messaging`, `loom_auth`, ...) import only `loom_common`;
+* except `loom_runtime` (ADR 0007), which may import every lib but no service, and which
+  no other lib imports;
 * a service imports libs, never another service;
 * only `loom_cli` may import services.
 
@@ -29,7 +31,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Packages named in DESIGN §2, so a rule still holds before the member exists.
-KNOWN_LIBS = frozenset({"loom_common", "loom_db", "loom_messaging", "loom_auth"})
+KNOWN_LIBS = frozenset(
+    {"loom_common", "loom_db", "loom_messaging", "loom_auth", "loom_runtime"}
+)
+RUNTIME = "loom_runtime"  # the lib that assembles the others for services (ADR 0007)
 KNOWN_SERVICES = frozenset(
     {"loom_webhook", "loom_timer", "loom_rest", "loom_worker", "loom_websocket"}
 )
@@ -140,7 +145,10 @@ def broken_rule(
         return exists
     if importer.package == "loom_common":
         return "loom_common imports no other Loom package"
-    if importer.kind == "lib" and imported != "loom_common":
+    if importer.package == RUNTIME:
+        if kind != "lib":
+            return "loom_runtime imports libs only, never a service or the cli"
+    elif importer.kind == "lib" and imported != "loom_common":
         return "a lib other than loom_common imports only loom_common"
     if importer.kind == "service" and kind != "lib":
         return "a service imports libs only, never another service or the cli"
@@ -317,3 +325,20 @@ def test_checker_reports_a_lib_of_design_that_is_no_member_yet(workspace: Path) 
 
     assert violation.message == "loom_rest imports loom_messaging"
     assert violation.rule == "a member imports only Loom packages that workspace members provide"
+
+
+def test_checker_lets_loom_runtime_import_libs_but_no_lib_import_it(workspace: Path) -> None:
+    make_member(workspace, "libs/runtime", "loom-runtime", ["loom-common", "loom-db"])
+    write(workspace, "libs/runtime/src/loom_runtime/ok.py", "import loom_db\nimport loom_common\n")
+    write(workspace, "libs/db/src/loom_db/bad.py", "import loom_runtime\n")
+    write(workspace, "libs/runtime/src/loom_runtime/bad.py", "import loom_rest\n")
+
+    violations = check_workspace(workspace)
+
+    assert [(str(v.file), v.rule) for v in violations] == [
+        ("libs/db/src/loom_db/bad.py", "a lib other than loom_common imports only loom_common"),
+        (
+            "libs/runtime/src/loom_runtime/bad.py",
+            "loom_runtime imports libs only, never a service or the cli",
+        ),
+    ]

@@ -14,7 +14,11 @@ from loom_cli.remote import REMOTE_COMMANDS
 
 __all__ = ["cli", "main"]
 
-SERVICES = {"rest": "loom_rest.serve"}
+SERVICES = {
+    "rest": "loom_rest.serve",
+    "timer": "loom_timer.serve",
+    "webhook": "loom_webhook.serve",
+}
 """`loom serve NAME`: the module whose `main()` runs the service."""
 
 

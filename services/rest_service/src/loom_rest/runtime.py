@@ -8,38 +8,27 @@ from __future__ import annotations
 import logging
 import secrets as _secrets
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry
-
-from loom_auth import LoginLimiter, PasswordParams, hash_password, require_signing_key
+from loom_auth import LoginLimiter, PasswordParams, hash_password
 from loom_auth.passwords import DEFAULT_PARAMS
-from loom_db import Database, database_from_settings, users
-from loom_db.keys import Keys, derive_keys
-from loom_db.relay import OutboxRelay
-from loom_messaging import Broker, open_broker
+from loom_db import Database, users
 from loom_rest.settings import RestSettings
+from loom_runtime import Runtime as BaseRuntime
+from loom_runtime import open_runtime as open_base_runtime
 
 __all__ = ["Runtime", "ensure_first_admin", "open_runtime"]
 
 _log = logging.getLogger("loom.rest")
 
 
-@dataclass(slots=True)
-class Runtime:
-    """The collaborators of one REST app. `events` is the event-stream broker when
-    `LOOM_EVENTS_URL` differs from `LOOM_QUEUE_URL` (else None: `broker` carries both);
-    the app only checks it for `/readyz`."""
+@dataclass
+class Runtime(BaseRuntime):
+    """The collaborators of one REST app: those of every service, its settings, and the
+    login limiter and password parameters."""
 
     settings: RestSettings
-    database: Database
-    broker: Broker
-    keys: Keys
-    registry: CollectorRegistry = field(
-        default_factory=lambda: CollectorRegistry(auto_describe=True)
-    )
-    events: Broker | None = None
     login_limiter: LoginLimiter | None = None
     password_params: PasswordParams = DEFAULT_PARAMS
     """argon2id parameters for new hashes (tests pass cheap ones; a change rehashes
@@ -50,13 +39,17 @@ class Runtime:
             attempts = self.settings.rest_login_attempts
             self.login_limiter = LoginLimiter(attempts, max_attempts_per_address=4 * attempts)
 
-    @property
-    def signing_key(self) -> bytes:
-        return self.keys.signing_key
-
-    @property
-    def brokers(self) -> list[Broker]:
-        return [self.broker] if self.events is None else [self.broker, self.events]
+    @classmethod
+    def of(cls, base: BaseRuntime, settings: RestSettings) -> Runtime:
+        """The REST runtime over a shared one (`loom up`)."""
+        return cls(
+            settings=settings,
+            database=base.database,
+            broker=base.broker,
+            keys=base.keys,
+            registry=base.registry,
+            events=base.events,
+        )
 
 
 async def ensure_first_admin(database: Database, settings: RestSettings) -> str | None:
@@ -80,31 +73,15 @@ async def ensure_first_admin(database: Database, settings: RestSettings) -> str 
 
 @asynccontextmanager
 async def open_runtime(settings: RestSettings) -> AsyncIterator[Runtime]:
-    """The runtime of a stand-alone REST service: its database, its brokers (started), and
-    one outbox relay; all closed on exit. Raises `SettingsError` without a usable
+    """The runtime of a stand-alone REST service (`loom_runtime.open_runtime`), with user
+    `admin` created on an empty database. Raises `SettingsError` without a usable
     `LOOM_SECRET_KEY`, `BrokerUnavailable` when a broker cannot be reached at start."""
-    require_signing_key(settings, "the REST service")
-    assert settings.secret_key is not None
-    keys = derive_keys(settings.secret_key.get_secret_value())
-    async with AsyncExitStack() as stack:
-        database = database_from_settings(settings)
-        stack.push_async_callback(database.dispose)
-        prefix = settings.broker_prefix
-        broker = await stack.enter_async_context(open_broker(settings.queue_url, prefix=prefix))
-        events = None
-        if settings.events_url != settings.queue_url:
-            events = await stack.enter_async_context(
-                open_broker(settings.events_url, prefix=prefix)
-            )
-        publishers = broker.publishers()
-        if events is not None:
-            publishers["events"] = events.publishers()["events"]
-        await stack.enter_async_context(OutboxRelay(database, publishers))
-        password = await ensure_first_admin(database, settings)
+    async with open_base_runtime(settings, "the REST service") as base:
+        password = await ensure_first_admin(base.database, settings)
         if password is not None:
             _log.warning(
                 "created user admin with the generated password %s (shown once: change it "
                 "with PUT /api/v1/me/password or set LOOM_ADMIN_PASSWORD before the first start)",
                 password,
             )
-        yield Runtime(settings=settings, database=database, broker=broker, keys=keys, events=events)
+        yield Runtime.of(base, settings)

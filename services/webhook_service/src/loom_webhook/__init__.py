@@ -1,7 +1,9 @@
-"""loom_webhook: the webhook service of DESIGN §6 (being built: issue 6).
+"""loom_webhook: the webhook service of DESIGN §6.
 
-The pure core: `signatures` authenticates a delivery (github, gitlab, standard, token,
-none), `deliveries` decodes its body; `errors` holds the error tree. No I/O here.
+`create_app(runtime, settings)` is the Starlette app (`app`); `python -m loom_webhook`
+serves it (`serve`). The pure core: `signatures` authenticates a delivery (github,
+gitlab, standard, token, none), `deliveries` decodes its body, `hooks` compiles a stored
+hook's filters and params; `errors` holds the error tree.
 """
 
 from loom_webhook.deliveries import BodyFormat, body_format, decode_body, is_github_ping

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from importlib.metadata import version as _dist_version
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from sqlalchemy import text
 from starlette.responses import JSONResponse, Response
 
-from loom_db import DatabaseError
-from loom_messaging import check_broker
 from loom_rest.api import Call, Endpoint
 from loom_rest.problems import ApiProblem
 from loom_rest.schemas import Index
+from loom_runtime import readiness
 
 __all__ = ["ENDPOINTS", "VERSION"]
 
@@ -49,34 +46,9 @@ async def healthz(call: Call[None, None]) -> Health:
     return Health(status="ok", checks={})
 
 
-async def _database_check(call: Call[None, None]) -> str | None:
-    """None when the database answers, else why not."""
-    try:
-        async with asyncio.timeout(2.0):
-            async with call.runtime.database.read() as conn:
-                await conn.execute(text("SELECT 1"))
-    except TimeoutError:
-        return "the database did not answer within 2s"
-    except DatabaseError as exc:
-        return str(exc) or "the database is unavailable"
-    return None
-
-
 async def readyz(call: Call[None, None]) -> Health:
     """Readiness: the database and every broker answer."""
-    runtime = call.runtime
-    names = ["database", *(f"broker {b.__class__.__name__}" for b in runtime.brokers)]
-    answers = await asyncio.gather(
-        _database_check(call), *(check_broker(b) for b in runtime.brokers)
-    )
-    # The reasons go to the log: this route is public, and driver errors name hosts.
-    for name, answer in zip(names, answers, strict=True):
-        if answer is not None:
-            _log.warning("not ready: %s: %s", name, answer)
-    checks = {
-        name: "ok" if answer is None else "unavailable"
-        for name, answer in zip(names, answers, strict=True)
-    }
+    checks = await readiness(call.runtime)
     if any(value != "ok" for value in checks.values()):
         failing = ", ".join(k for k, v in checks.items() if v != "ok")
         raise ApiProblem(

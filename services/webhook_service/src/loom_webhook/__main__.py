@@ -1,0 +1,3 @@
+from loom_webhook.serve import main
+
+main()
