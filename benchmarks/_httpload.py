@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["LoadError", "LoadResult", "fetch", "load", "request"]
@@ -130,15 +131,18 @@ async def fetch(
 async def load(
     host: str,
     port: int,
-    raw: bytes,
+    raw: bytes | Callable[[], bytes],
     *,
     concurrency: int,
     seconds: float,
     answer_timeout: float = 30.0,
 ) -> LoadResult:
     """`concurrency` keep-alive connections, each sending `raw` back to back (waiting for
-    each answer) for `seconds`. Connections are opened before the clock starts.
-    Non-2xx answers are counted, not raised: the caller decides (see `LoadResult`)."""
+    each answer) for `seconds`; `raw` may be a function giving each request's bytes (when
+    requests must differ, e.g. by a delivery id). Connections are opened before the clock
+    starts. Non-2xx answers are counted, not raised: the caller decides (see
+    `LoadResult`)."""
+    next_request = raw if callable(raw) else lambda: raw
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection(host, port, limit=MAX_HEADER)
@@ -154,7 +158,7 @@ async def load(
         deadline = clock() + seconds
         start = clock()
         while start < deadline:
-            writer.write(raw)
+            writer.write(next_request())
             status, head, body, closing = await asyncio.wait_for(
                 _read_answer(reader), answer_timeout
             )

@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO
@@ -87,7 +87,7 @@ def serve_hello(port: int) -> None:
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from loom_rest.serve import hypercorn_config
+    from loom_runtime import hypercorn_config
 
     async def hello(request: Request) -> JSONResponse:
         return JSONResponse({"hello": "world"})
@@ -149,24 +149,27 @@ async def _seed(url: str) -> None:
 
 
 @contextmanager
-def server(args: list[str], env: dict[str, str], what: str, port: int) -> Iterator[None]:
-    """Run a server subprocess until it answers `GET /readyz` or `/hello` (whichever it
-    has), then SIGTERM and wait for it at the end; its stderr goes to a temp file shown
-    when it fails to start."""
+def server(
+    args: list[str], env: dict[str, str], what: str, port: int, ready_path: str = "/readyz"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server subprocess until it answers `GET ready_path` with 200, then SIGTERM
+    and wait for it at the end; its stderr goes to a temp file shown when it fails to
+    start. Yields the process."""
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
             args, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
         )
         try:
-            _wait_ready(proc, log, what, port)
-            yield
+            _wait_ready(proc, log, what, port, ready_path)
+            yield proc
         finally:
             _stop(proc)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], log: IO[bytes], what: str, port: int) -> None:
+def _wait_ready(
+    proc: subprocess.Popen[bytes], log: IO[bytes], what: str, port: int, path: str
+) -> None:
     deadline = time.monotonic() + START_TIMEOUT
-    path = "/readyz" if what == "the REST service" else HELLO_TARGET
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
@@ -190,6 +193,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux `/proc`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rest_env(url: str, port: int, password: str, pool_size: int) -> dict[str, str]:
@@ -238,7 +247,7 @@ async def check_once(port: int, raw: bytes, what: str, expect: int) -> bytes:
 
 
 async def measure(
-    port: int, raw: bytes, what: str, *, concurrency: int, seconds: float
+    port: int, raw: bytes | Callable[[], bytes], what: str, *, concurrency: int, seconds: float
 ) -> LoadResult:
     result = await load(HOST, port, raw, concurrency=concurrency, seconds=seconds)
     if result.non_2xx:
@@ -356,6 +365,7 @@ def run(base: URL, *, quick: bool, concurrency: int, seconds: float, repeat: int
                 hello_env,
                 "the hello-world server",
                 hello_port,
+                HELLO_TARGET,
             )
         )
         token = login(rest_port, password)

@@ -7,21 +7,33 @@ index scan of `keep` entries; usually it deletes one row). Bound: after a commit
 `record_delivery` a hook has at most `keep` rows, plus one per other `record_delivery`
 of the same hook that was in flight at the same moment on PostgreSQL (those cannot see
 each other's rows); SQLite has a single writer, so there exactly `keep`.
+`record_deliveries` writes many rows at once and leaves trimming to its caller
+(`trim_deliveries`), for the webhook service's group commit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from loom_db import raw
 from loom_db.models import webhook_deliveries as _deliveries
 from loom_db.pagination import check_limit, decode_cursor, encode_cursor
 from loom_db.types import utcnow
 
-__all__ = ["DELIVERIES_KEPT", "DeliveryRecord", "list_deliveries", "record_delivery"]
+__all__ = [
+    "DELIVERIES_KEPT",
+    "DeliveryRecord",
+    "NewDelivery",
+    "list_deliveries",
+    "record_deliveries",
+    "record_delivery",
+    "trim_deliveries",
+]
 
 DELIVERIES_KEPT = 1_000
 """Deliveries kept per (graph, hook)."""
@@ -71,6 +83,78 @@ async def record_delivery(
     )
     key = result.inserted_primary_key
     assert key is not None
+    await trim_deliveries(conn, graph, hook, keep)
+    return int(key[0])
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """One outcome for `record_deliveries`."""
+
+    graph: str
+    hook: str
+    delivery_id: str | None
+    status_code: int
+    outcome: str
+    detail: str | None = None
+    execution_id: str | None = None
+
+
+_INSERT_MANY = """
+INSERT INTO webhook_deliveries (graph, hook, delivery_id, status_code, outcome, detail,
+                                execution_id, received_at)
+SELECT *, %s::timestamptz FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[],
+                                      %s::text[], %s::text[], %s::text[])
+"""
+
+
+async def record_deliveries(conn: AsyncConnection, new: Sequence[NewDelivery]) -> None:
+    """Record many outcomes with one multi-row insert, WITHOUT trimming: the caller calls
+    `trim_deliveries` for each hook now and then (a service trims a hook every hundred
+    deliveries, so a log holds at most `DELIVERIES_KEPT` plus that)."""
+    if not new:
+        return
+    now = utcnow()
+    if conn.dialect.name == "postgresql":
+        await raw.execute(
+            conn,
+            _INSERT_MANY,
+            [
+                now,
+                [d.graph for d in new],
+                [d.hook for d in new],
+                [d.delivery_id for d in new],
+                [d.status_code for d in new],
+                [d.outcome for d in new],
+                [d.detail for d in new],
+                [d.execution_id for d in new],
+            ],
+        )
+        return
+    await conn.execute(
+        insert(_deliveries),
+        [
+            {
+                "graph": item.graph,
+                "hook": item.hook,
+                "delivery_id": item.delivery_id,
+                "received_at": now,
+                "status_code": item.status_code,
+                "outcome": item.outcome,
+                "detail": item.detail,
+                "execution_id": item.execution_id,
+            }
+            for item in new
+        ],
+    )
+
+
+async def trim_deliveries(
+    conn: AsyncConnection, graph: str, hook: str, keep: int = DELIVERIES_KEPT
+) -> None:
+    """Delete the hook's deliveries beyond the newest `keep`."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, not {keep}")
     same_hook = (_deliveries.c.graph == graph, _deliveries.c.hook == hook)
     # The id of the newest row that falls off; NULL (nothing deleted) while there are
     # no more than `keep`.
@@ -83,7 +167,6 @@ async def record_delivery(
         .scalar_subquery()
     )
     await conn.execute(delete(_deliveries).where(*same_hook, _deliveries.c.id <= threshold))
-    return int(key[0])
 
 
 async def list_deliveries(

@@ -11,6 +11,7 @@ and are re-exported here, so `executions.claim(...)` and the like keep working.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any, Final, Literal, cast, get_args
@@ -21,9 +22,11 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from loom_common import format_instant, parse_instant
+from loom_common import CHANNEL_OF, encode_envelope, format_instant, parse_instant
+from loom_db import raw
 from loom_db.errors import Conflict, NotFound, classify_driver_error
 from loom_db.models import executions
+from loom_db.outbox import NOTIFY_CHANNEL, enqueue_many
 from loom_db.pagination import check_limit, decode_cursor, encode_cursor
 from loom_db.types import utcnow
 
@@ -37,11 +40,13 @@ __all__ = [
     "Admission",
     "ExecutionRecord",
     "ExecutionStatus",
+    "NewExecution",
     "OnOverlap",
     "TriggerType",
     "admit",
     "claim",
     "create_execution",
+    "create_executions",
     "finish",
     "get_execution",
     "last_timer_tick",
@@ -204,6 +209,160 @@ async def create_execution(
             return _record(found), False
     await _request(conn, record.id, graph)
     return record, True
+
+
+@dataclass(frozen=True, slots=True)
+class NewExecution:
+    """One execution for `create_executions`."""
+
+    graph: str
+    graph_version: int
+    params: dict[str, Any]
+    trigger_type: str
+    trigger_info: dict[str, Any]
+    idempotency_key: str | None = None
+
+
+async def create_executions(
+    conn: AsyncConnection, new: Sequence[NewExecution]
+) -> list[tuple[str, bool]]:
+    """`create_execution` for many at once, in the caller's transaction, with a fixed
+    number of statements whatever their count (a multi-row insert of the executions, one
+    of their outbox rows, one NOTIFY; one select more when a key was already stored).
+    For a service answering many concurrent requests with one commit (group commit).
+
+    Returns `(execution id, created)` for each, in order. A key already stored gives the
+    stored execution's id with `created=False`; a key repeated within `new` is created
+    once, its later copies get the same id with `created=False`. Raises `ValueError`
+    as `create_execution` does, before writing anything.
+    """
+    now = utcnow()
+    rows: list[dict[str, Any]] = []
+    answers: list[tuple[str, bool]] = []
+    first_of_key: dict[str, int] = {}
+    repeats: list[tuple[int, int]] = []  # (index, index of the first with its key)
+    for index, item in enumerate(new):
+        if item.trigger_type not in TRIGGER_TYPES:
+            raise ValueError(f"unknown trigger type {item.trigger_type!r}")
+        key = item.idempotency_key
+        if key is not None:
+            if not 0 < len(key) <= MAX_KEY_LENGTH:
+                raise ValueError(f"an idempotency key has 1 to {MAX_KEY_LENGTH} characters")
+            if key in first_of_key:
+                repeats.append((index, first_of_key[key]))
+                answers.append(("", False))
+                continue
+            first_of_key[key] = index
+        execution_id = str(uuid.uuid4())
+        answers.append((execution_id, True))
+        rows.append(
+            {
+                "id": execution_id,
+                "graph": item.graph,
+                "graph_version": item.graph_version,
+                "status": "queued",
+                "params": item.params,
+                "trigger_type": item.trigger_type,
+                "trigger_info": item.trigger_info,
+                "idempotency_key": key,
+                "cancel_requested": False,
+                "created_at": now,
+            }
+        )
+    if rows:
+        if conn.dialect.name == "postgresql":
+            inserted = await _insert_with_requests_postgres(conn, rows)
+        else:
+            statement = (
+                sqlite.insert(executions)
+                .on_conflict_do_nothing(index_elements=[_c.idempotency_key])
+                .returning(_c.id)
+            )
+            inserted = {row.id for row in (await conn.execute(statement, rows)).all()}
+            await enqueue_many(
+                conn,
+                [
+                    ("execution.requested", r["id"], {"execution_id": r["id"], "graph": r["graph"]})
+                    for r in rows
+                    if r["id"] in inserted
+                ],
+            )
+        conflicted = {
+            row["idempotency_key"]: index
+            for index, row in zip(
+                (i for i, answer in enumerate(answers) if answer[1]), rows, strict=True
+            )
+            if row["id"] not in inserted
+        }
+        if conflicted:
+            found = await conn.execute(
+                select(_c.idempotency_key, _c.id).where(_c.idempotency_key.in_(list(conflicted)))
+            )
+            stored = {row.idempotency_key: row.id for row in found}
+            for key, index in conflicted.items():
+                if key not in stored:
+                    raise Conflict(f"execution with key {key!r} vanished; try again")
+                answers[index] = (stored[key], False)
+    for index, first in repeats:
+        answers[index] = (answers[first][0], False)
+    return answers
+
+
+_INSERT_WITH_REQUESTS = """
+WITH new AS (
+    SELECT * FROM unnest(
+        %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[],
+        %s::bytea[]
+    ) AS t(id, graph, graph_version, params, trigger_type, trigger_info, idempotency_key,
+           envelope)
+), inserted AS (
+    INSERT INTO executions (id, graph, graph_version, status, params, trigger_type,
+                            trigger_info, idempotency_key, cancel_requested, created_at)
+    SELECT id, graph, graph_version, 'queued', params::jsonb, trigger_type,
+           trigger_info::jsonb, idempotency_key, false, %s
+    FROM new
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id
+), requested AS (
+    INSERT INTO outbox (channel, key, envelope, created_at)
+    SELECT %s, new.id, new.envelope, %s FROM new JOIN inserted USING (id)
+    RETURNING 1
+)
+SELECT inserted.id, (SELECT count(*) FROM requested), pg_notify(%s, '') FROM inserted
+"""
+
+
+async def _insert_with_requests_postgres(
+    conn: AsyncConnection, rows: list[dict[str, Any]]
+) -> set[str]:
+    """The executions of `rows` and the `execution.requested` outbox rows of those
+    inserted (not already stored under their key), with the outbox NOTIFY: ONE
+    statement. Returns the ids inserted."""
+    created_at = rows[0]["created_at"]
+    found = await raw.execute(
+        conn,
+        _INSERT_WITH_REQUESTS,
+        [
+            [r["id"] for r in rows],
+            [r["graph"] for r in rows],
+            [r["graph_version"] for r in rows],
+            [raw.json_text(r["params"]) for r in rows],
+            [r["trigger_type"] for r in rows],
+            [raw.json_text(r["trigger_info"]) for r in rows],
+            [r["idempotency_key"] for r in rows],
+            [
+                encode_envelope(
+                    "execution.requested", {"execution_id": r["id"], "graph": r["graph"]}
+                )
+                for r in rows
+            ],
+            created_at,
+            CHANNEL_OF["execution.requested"],
+            created_at,
+            NOTIFY_CHANNEL,
+        ],
+    )
+    return {row[0] for row in found}
 
 
 async def find_by_key(conn: AsyncConnection, idempotency_key: str) -> ExecutionRecord | None:

@@ -39,6 +39,7 @@ __all__ = [
     "OutboxMessage",
     "OutboxWaker",
     "enqueue",
+    "enqueue_many",
     "fetch_unsent",
     "mark_sent",
     "purge_sent",
@@ -68,6 +69,30 @@ async def enqueue(conn: AsyncConnection, type: str, key: str, data: dict[str, An
     row_id = result.inserted_primary_key
     assert row_id is not None
     return int(row_id[0])
+
+
+async def enqueue_many(
+    conn: AsyncConnection, messages: Sequence[tuple[str, str, dict[str, Any]]]
+) -> None:
+    """`enqueue` for many `(type, key, data)` at once: one multi-row insert and one
+    NOTIFY (PostgreSQL), in the caller's transaction. Nothing for an empty list."""
+    if not messages:
+        return
+    now = utcnow()
+    await conn.execute(
+        insert(_outbox),
+        [
+            {
+                "channel": CHANNEL_OF[type],
+                "key": key,
+                "envelope": encode_envelope(type, data),
+                "created_at": now,
+            }
+            for type, key, data in messages
+        ],
+    )
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text(f"NOTIFY {NOTIFY_CHANNEL}"))
 
 
 @dataclass(frozen=True, slots=True)

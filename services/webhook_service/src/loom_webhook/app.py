@@ -4,13 +4,24 @@
 A delivery passes these checks in this order, and the first that fails answers:
 
     unknown or disabled hook 404 · rate limit 429 · body too large 413 ·
-    content type 415 · signature 401 · delivery seen before 200 duplicate ·
-    malformed body 400 · `events` / `if` 200 skipped · params 422 · 202 accepted
+    content type 415 · signature 401 · ping 200 · malformed body 400 ·
+    `events` / `if` 200 skipped · params 422 · then 202, or 200 duplicate for a
+    delivery id stored before
 
 A 202 is sent only after the execution and its outbox row are committed; a database that
 cannot be reached answers 503 (`Retry-After`). Each outcome for a hook that exists is
 written to its delivery log (for a 202 and a duplicate, in the same transaction as the
 execution). Nothing in an answer says why a signature failed; the log does.
+
+A repeated delivery id is recognised when its execution is stored (the unique key of
+`webhook:{graph}:{hook}:{id}`), after the filters and params, not before them as DESIGN
+§6 lists it (ADR 0007): a provider's redelivery carries the same body and headers, so it
+passes the same filters and maps to the same params, and the answer is the same 200
+duplicate -- without a read per delivery to look for it first.
+
+Deliveries are stored by a `DeliveryWriter` (group commit), and hooks with their secrets
+are kept in memory for `LOOM_WEBHOOK_CACHE_SECONDS` (see that setting for what stays
+exact).
 """
 
 from __future__ import annotations
@@ -24,7 +35,6 @@ from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -33,20 +43,21 @@ from starlette.routing import Route
 
 from loom_auth import problem_response
 from loom_common import ExpressionError, ParamError
-from loom_db import DatabaseUnavailable, NotFound, TransactionConflict, deliveries, executions
+from loom_db import DatabaseUnavailable, NotFound, TransactionConflict, executions
 from loom_db import graphs as graph_queries
 from loom_db import secrets as secret_queries
+from loom_db.deliveries import NewDelivery
 from loom_db.errors import SecretKeyMismatch
-from loom_db.executions import ExecutionRecord
+from loom_db.executions import NewExecution
 from loom_db.graphs import TriggerRecord
-from loom_db.models import graphs as graph_rows
 from loom_runtime import Runtime, health_routes
-from loom_webhook.deliveries import body_format, decode_body, is_github_ping
+from loom_webhook.deliveries import BodyFormat, body_format, decode_body, is_github_ping
 from loom_webhook.errors import MalformedBody, SignatureRejected, UnsupportedMediaType
 from loom_webhook.hooks import Hook, HookCache
 from loom_webhook.ratelimit import HookLimiter
 from loom_webhook.settings import WebhookSettings
 from loom_webhook.signatures import delivery_id, event_name, verify
+from loom_webhook.writer import GONE, STALE, Accepted, Creation, DeliveryWriter
 
 __all__ = ["create_app"]
 
@@ -82,6 +93,10 @@ def _json(status: int, body: Mapping[str, Any]) -> Response:
 
 
 _NOT_FOUND = "no such webhook"
+_ATTEMPTS = 3
+"""Tries of a delivery whose graph gets a new version meanwhile."""
+_MAX_KNOWN = 10_000
+"""Hooks kept in memory at most (forgotten all at once past it: they are re-read)."""
 
 
 @dataclass(slots=True)
@@ -110,6 +125,15 @@ class _Metrics:
 _METRICS: dict[int, _Metrics] = {}
 
 
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A hook as read from the database, with its secret's value, until `expires`."""
+
+    hook: Hook
+    secret: str | None
+    expires: float
+
+
 class WebhookHandler:
     """Everything one delivery needs, held for the app's life."""
 
@@ -117,8 +141,11 @@ class WebhookHandler:
         self.runtime = runtime
         self.database = runtime.database
         self.max_bytes = settings.webhook_max_bytes
+        self.cache_seconds = settings.webhook_cache_seconds
         self.limiter = HookLimiter(settings.webhook_rate_limit, settings.webhook_rate_burst)
-        self.hooks = HookCache()
+        self.compiled = HookCache()
+        self.known: dict[tuple[str, str], _Known] = {}
+        self.writer = DeliveryWriter(runtime.database)
         registry = runtime.registry
         if id(registry) not in _METRICS:
             _METRICS[id(registry)] = _Metrics.of(registry)
@@ -150,42 +177,61 @@ class WebhookHandler:
         headers = request.headers
         wanted_id = None
         try:
-            hook, secret, seen = await self._lookup(graph, name, headers)
-            wanted_id = delivery_id(hook.auth, headers)
+            known = await self._known(graph, name)
+            wanted_id = delivery_id(known.hook.auth, headers)
             self._check_rate(graph, name)
             body = await self._read_body(request)
             fmt = self._format(headers)
-            try:
-                verify(hook.auth, secret, headers, body, datetime.now(UTC))
-            except SignatureRejected as exc:
-                _log.info("hook %s/%s: signature rejected: %s", graph, name, exc)
-                # Nothing about why: a sender probing secrets learns nothing.
-                raise _Answer(
-                    _problem(401, "Unauthorized", "the delivery is not authenticated"),
-                    "unauthorized",
-                    str(exc),
-                ) from None
-            event = event_name(hook.auth, headers)
-            if seen is not None:
-                raise _Answer(self._duplicate(seen), "duplicate", execution_id=seen.id)
-            if is_github_ping(hook.auth, headers):
-                raise _Answer(_json(200, {"pong": True}), "ping")
-            try:
-                payload = decode_body(fmt, body)
-            except MalformedBody as exc:
-                raise _Answer(_problem(400, "Bad Request", str(exc)), "invalid", str(exc)) from None
-            context = {
-                "payload": payload,
-                "headers": {key.lower(): value for key, value in headers.items()},
-                "event": event,
-            }
-            params = self._apply(hook, event, context)
+            for _ in range(_ATTEMPTS):
+                wanted_id = delivery_id(known.hook.auth, headers)
+                answer = await self._process(known, headers, body, fmt, wanted_id)
+                if answer is not None:
+                    return answer
+                # The graph has a newer version than the hook kept in memory: read it
+                # again and run the checks again (the new version may filter otherwise).
+                known = await self._known(graph, name, fresh=True)
+            raise TransactionConflict(f"the graph {graph!r} changed during the delivery")
         except _Answer as answer:
             if answer.outcome is not None:
-                await self._record(graph, name, wanted_id, answer)
+                await self.writer.log(
+                    NewDelivery(
+                        graph=graph,
+                        hook=name,
+                        delivery_id=wanted_id,
+                        status_code=answer.response.status_code,
+                        outcome=answer.outcome,
+                        detail=None if answer.detail is None else answer.detail[:1000],
+                    )
+                )
             return answer.response, answer.outcome or _unlogged(answer.response)
+
+    async def _process(
+        self,
+        known: _Known,
+        headers: Mapping[str, str],
+        body: bytes,
+        fmt: BodyFormat,
+        wanted_id: str | None,
+    ) -> tuple[Response, str] | None:
+        """The checks from the signature on, then the execution; None when the hook was
+        read from an older graph version than the stored one. Raises `_Answer`."""
+        known = await self._verify(known, headers, body)
+        hook = known.hook
+        if is_github_ping(hook.auth, headers):
+            raise _Answer(_json(200, {"pong": True}), "ping")
+        try:
+            payload = decode_body(fmt, body)
+        except MalformedBody as exc:
+            raise _Answer(_problem(400, "Bad Request", str(exc)), "invalid", str(exc)) from None
+        event = event_name(hook.auth, headers)
+        context = {
+            "payload": payload,
+            "headers": {key.lower(): value for key, value in headers.items()},
+            "event": event,
+        }
+        params = self._apply(hook, event, context)
         trigger_info = {
-            "hook": name,
+            "hook": hook.name,
             "event": event,
             "delivery_id": wanted_id,
             "payload": payload,
@@ -194,42 +240,47 @@ class WebhookHandler:
 
     # --- the checks, in order ----------------------------------------------------------
 
-    async def _lookup(
-        self, graph: str, name: str, headers: Mapping[str, str]
-    ) -> tuple[Hook, str | None, ExecutionRecord | None]:
-        """The hook, its secret's value and the execution of this delivery id if one was
-        made, in one read. Raises `_Answer` 404 for an unknown or disabled hook."""
+    async def _known(self, graph: str, name: str, *, fresh: bool = False) -> _Known:
+        """The hook and its secret, from memory unless `fresh` or expired. Raises
+        `_Answer` 404 for an unknown or disabled hook."""
+        now = time.monotonic()
+        known = None if fresh else self.known.get((graph, name))
+        if known is not None and known.expires > now:
+            return known
         async with self.database.read() as conn:
             trigger = await graph_queries.find_webhook(conn, graph, name)
             if trigger is None:
+                self.known.pop((graph, name), None)
                 raise _Answer(_problem(404, "Not Found", _NOT_FOUND), None)
-            hook = self.hooks.get(trigger) or await self._compile(conn, trigger)
-            secret = None
-            if hook.secret_name is not None:
-                try:
-                    secret = await secret_queries.get_secret(
-                        conn, self.runtime.keys, hook.secret_name
-                    )
-                except NotFound:
-                    _log.warning(
-                        "hook %s/%s: its secret %r is not stored: every delivery is refused",
-                        graph,
-                        name,
-                        hook.secret_name,
-                    )
-                except SecretKeyMismatch as exc:
-                    _log.error("hook %s/%s: %s", graph, name, exc)
-            seen = None
-            wanted = delivery_id(hook.auth, headers)
-            if wanted is not None:
-                key = executions.webhook_key(graph, name, wanted)
-                seen = await executions.find_by_key(conn, key)
-        return hook, secret, seen
+            hook = self.compiled.get(trigger) or await self._compile(conn, trigger)
+            secret = await self._secret(conn, hook)
+        known = _Known(hook, secret, now + self.cache_seconds)
+        if self.cache_seconds > 0:
+            if len(self.known) >= _MAX_KNOWN:
+                self.known.clear()
+            self.known[(graph, name)] = known
+        return known
+
+    async def _secret(self, conn: AsyncConnection, hook: Hook) -> str | None:
+        if hook.secret_name is None:
+            return None
+        try:
+            return await secret_queries.get_secret(conn, self.runtime.keys, hook.secret_name)
+        except NotFound:
+            _log.warning(
+                "hook %s/%s: its secret %r is not stored: every delivery is refused",
+                hook.graph,
+                hook.name,
+                hook.secret_name,
+            )
+        except SecretKeyMismatch as exc:
+            _log.error("hook %s/%s: %s", hook.graph, hook.name, exc)
+        return None
 
     async def _compile(self, conn: AsyncConnection, trigger: TriggerRecord) -> Hook:
         record = await graph_queries.get_graph(conn, trigger.graph, trigger.graph_version)
         hook = Hook.compile(trigger, record.spec)
-        self.hooks.put(hook)
+        self.compiled.put(hook)
         return hook
 
     def _check_rate(self, graph: str, name: str) -> None:
@@ -251,36 +302,58 @@ class WebhookHandler:
         raise _Answer(response, "rate_limited" if logged else None, "rate limit exceeded")
 
     async def _read_body(self, request: Request) -> bytes:
-        too_large = _Answer(
-            _problem(
-                413,
-                "Content Too Large",
-                f"the body is larger than {self.max_bytes} bytes",
-            ),
-            "too_large",
-        )
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            raise too_large
+            raise self._too_large()
         chunks: list[bytes] = []
         size = 0
         try:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > self.max_bytes:
-                    raise too_large
+                    raise self._too_large()
                 chunks.append(chunk)
         except ClientDisconnect:
             raise _Answer(Response(status_code=400), None) from None
         return b"".join(chunks)
 
-    def _format(self, headers: Mapping[str, str]) -> Any:
+    def _too_large(self) -> _Answer:
+        detail = f"the body is larger than {self.max_bytes} bytes"
+        return _Answer(_problem(413, "Content Too Large", detail), "too_large")
+
+    def _format(self, headers: Mapping[str, str]) -> BodyFormat:
         try:
             return body_format(headers.get("content-type"))
         except UnsupportedMediaType as exc:
             raise _Answer(
                 _problem(415, "Unsupported Media Type", str(exc)), "unsupported", str(exc)
             ) from None
+
+    async def _verify(self, known: _Known, headers: Mapping[str, str], body: bytes) -> _Known:
+        """`known`, or the hook read again when the signature fails with a secret kept
+        in memory and passes with the stored one (a secret was just replaced). Raises
+        `_Answer` 401."""
+        try:
+            verify(known.hook.auth, known.secret, headers, body, datetime.now(UTC))
+            return known
+        except SignatureRejected as exc:
+            reason = str(exc)
+        if self.cache_seconds > 0:
+            stored = await self._known(known.hook.graph, known.hook.name, fresh=True)
+            if stored.secret != known.secret or stored.hook is not known.hook:
+                try:
+                    verify(stored.hook.auth, stored.secret, headers, body, datetime.now(UTC))
+                    return stored
+                except SignatureRejected as exc:
+                    reason = str(exc)
+        hook = known.hook
+        _log.info("hook %s/%s: signature rejected: %s", hook.graph, hook.name, reason)
+        # Nothing about why: a sender probing secrets learns nothing.
+        raise _Answer(
+            _problem(401, "Unauthorized", "the delivery is not authenticated"),
+            "unauthorized",
+            reason,
+        )
 
     def _apply(self, hook: Hook, event: str | None, context: Mapping[str, Any]) -> dict[str, Any]:
         try:
@@ -318,62 +391,35 @@ class WebhookHandler:
         wanted_id: str | None,
         params: dict[str, Any],
         trigger_info: dict[str, Any],
-    ) -> tuple[Response, str]:
-        key = (
-            None if wanted_id is None else executions.webhook_key(hook.graph, hook.name, wanted_id)
-        )
-        async with self.database.transaction() as conn:
-            # A shared lock on the graph's row: a pause or delete commits before this
-            # execution or after it, never in between (then it is refused or reaped).
-            row = (
-                await conn.execute(
-                    select(graph_rows.c.enabled)
-                    .where(graph_rows.c.name == hook.graph)
-                    .with_for_update(read=True)
-                )
-            ).first()
-            if row is None or not row.enabled:
-                return _problem(404, "Not Found", _NOT_FOUND), "not_found"
-            record, created = await executions.create_execution(
-                conn,
+    ) -> tuple[Response, str] | None:
+        key = None
+        if wanted_id is not None:
+            key = executions.webhook_key(hook.graph, hook.name, wanted_id)
+        creation = Creation(
+            NewExecution(
                 graph=hook.graph,
                 graph_version=hook.graph_version,
                 params=params,
                 trigger_type="webhook",
                 trigger_info=trigger_info,
                 idempotency_key=key,
-            )
-            outcome = "accepted" if created else "duplicate"
-            await deliveries.record_delivery(
-                conn,
-                graph=hook.graph,
-                hook=hook.name,
-                delivery_id=wanted_id,
-                status_code=202 if created else 200,
-                outcome=outcome,
-                execution_id=record.id,
-            )
-        if not created:
-            return self._duplicate(record), "duplicate"
-        self.database.notify_committed()
-        return _json(202, {"execution_id": record.id}), "accepted"
-
-    def _duplicate(self, record: ExecutionRecord) -> Response:
-        return _json(200, {"execution_id": record.id, "duplicate": True})
-
-    async def _record(self, graph: str, name: str, wanted_id: str | None, answer: _Answer) -> None:
-        assert answer.outcome is not None
-        async with self.database.transaction() as conn:
-            await deliveries.record_delivery(
-                conn,
-                graph=graph,
-                hook=name,
-                delivery_id=wanted_id,
-                status_code=answer.response.status_code,
-                outcome=answer.outcome,
-                detail=None if answer.detail is None else answer.detail[:1000],
-                execution_id=answer.execution_id,
-            )
+            ),
+            hook=hook.name,
+            delivery_id=wanted_id,
+        )
+        outcome = await self.writer.create(creation)
+        if outcome == STALE:
+            self.known.pop((hook.graph, hook.name), None)
+            return None
+        if outcome == GONE:
+            self.known.pop((hook.graph, hook.name), None)
+            return _problem(404, "Not Found", _NOT_FOUND), "not_found"
+        assert isinstance(outcome, Accepted)
+        if not outcome.created:
+            return _json(
+                200, {"execution_id": outcome.execution_id, "duplicate": True}
+            ), "duplicate"
+        return _json(202, {"execution_id": outcome.execution_id}), "accepted"
 
 
 def _unlogged(response: Response) -> str:

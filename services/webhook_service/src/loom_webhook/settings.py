@@ -27,6 +27,12 @@ class WebhookSettings(LoomSettings):
     """Deliveries per second each hook accepts on average (0: no limit); past it, 429."""
     webhook_rate_burst: int = Field(default=200, ge=1)
     """Deliveries a hook may receive at once above its rate (a provider's retry storm)."""
+    webhook_cache_seconds: float = Field(default=5.0, ge=0)
+    """How long a hook and its secret are kept in memory between reads (0: read them for
+    every delivery). A paused graph, a new graph version and a new secret take effect at
+    once anyway (checked when the execution is stored, and a signature that fails with a
+    kept secret is checked again with the stored one); only a replaced secret's OLD
+    value keeps working up to this long."""
 
 
 def load_webhook_settings(config_file: Path | None = None, **overrides: Any) -> WebhookSettings:
