@@ -197,15 +197,16 @@ def webhook_env(url: str, port: int, secret_key: str, pool_size: int) -> dict[st
 async def bench(
     hook_port: int,
     hello_port: int,
-    service_pid: int,
+    pids: tuple[int, int],
     *,
     concurrency: int,
     seconds: float,
     repeat: int,
-) -> tuple[LoadResult, LoadResult, int, float]:
+) -> tuple[LoadResult, LoadResult, int, tuple[float, float]]:
     """(webhooks, hello, accepted, CPU ms): the first two the best of `repeat` runs;
-    `accepted` counts every 202 of every run (warm-up included); the service's CPU
-    milliseconds per delivery over the measured runs."""
+    `accepted` counts every 202 of every run (warm-up included); the CPU milliseconds per
+    request of the webhook service (`pids[0]`) and of the hello server (`pids[1]`) over
+    the measured runs."""
     hello = request("GET", HOST, hello_port, HELLO_TARGET)
     signed = deliveries(hook_port)
     await check_once(hello_port, hello, f"GET {HELLO_TARGET}", 200)
@@ -217,18 +218,21 @@ async def bench(
     accepted += warmed.completed
     hellos: list[LoadResult] = []
     hooks: list[LoadResult] = []
-    cpu = 0.0
+    cpu = [0.0, 0.0]
     for _ in range(repeat):
+        before = cpu_seconds(pids[1])
         hellos.append(
             await measure(hello_port, hello, "hello", concurrency=concurrency, seconds=seconds)
         )
-        before = cpu_seconds(service_pid)
+        cpu[1] += cpu_seconds(pids[1]) - before
+        before = cpu_seconds(pids[0])
         result = await _deliveries(hook_port, signed, concurrency, seconds)
-        cpu += cpu_seconds(service_pid) - before
+        cpu[0] += cpu_seconds(pids[0]) - before
         accepted += result.completed
         hooks.append(result)
-    measured = sum(result.completed for result in hooks)
-    return best(hooks), best(hellos), accepted, 1000 * cpu / measured
+    per_delivery = 1000 * cpu[0] / sum(result.completed for result in hooks)
+    per_hello = 1000 * cpu[1] / sum(result.completed for result in hellos)
+    return best(hooks), best(hellos), accepted, (per_delivery, per_hello)
 
 
 async def _deliveries(
@@ -255,7 +259,7 @@ def run(base: URL, *, quick: bool, concurrency: int, seconds: float, repeat: int
             )
         )
         hello_env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
-        stack.enter_context(
+        hello_server = stack.enter_context(
             server(
                 [sys.executable, str(Path(__file__).resolve()), "--serve-hello", str(hello_port)],
                 hello_env,
@@ -268,7 +272,7 @@ def run(base: URL, *, quick: bool, concurrency: int, seconds: float, repeat: int
             bench(
                 hook_port,
                 hello_port,
-                service.pid,
+                (service.pid, hello_server.pid),
                 concurrency=concurrency,
                 seconds=seconds,
                 repeat=repeat,
@@ -291,7 +295,8 @@ def run(base: URL, *, quick: bool, concurrency: int, seconds: float, repeat: int
             "p99": round(hooks.percentile_ms(0.99), 2),
             "p50": round(hooks.percentile_ms(0.50), 2),
             "baseline_p99": round(hello.percentile_ms(0.99), 2),
-            "service_cpu_ms_per_delivery": round(cpu_ms, 3),
+            "service_cpu_ms_per_delivery": round(cpu_ms[0], 3),
+            "baseline_cpu_ms_per_request": round(cpu_ms[1], 3),
             "stored": stored,
             "concurrency": concurrency,
             "seconds": seconds,

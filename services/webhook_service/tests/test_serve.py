@@ -85,7 +85,8 @@ def post(
         with urllib.request.urlopen(request, timeout=10) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        with exc:
+            return exc.code, json.loads(exc.read() or b"{}")
 
 
 def signed(body: bytes) -> dict[str, str]:
@@ -179,6 +180,7 @@ def test_database_stopped_gives_503_then_recovers(tmp_path: Path) -> None:
             with pytest.raises(urllib.error.HTTPError) as not_ready:
                 urllib.request.urlopen(f"http://{HOST}:{port}/readyz", timeout=10)
             assert not_ready.value.code == 503
+            not_ready.value.close()
 
             server.start()
             # The same delivery, retried by its sender, is accepted once the database is back.

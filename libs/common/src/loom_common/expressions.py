@@ -198,7 +198,36 @@ def _compile_expr(source: str, offset: int) -> Expr:
             refs.add(node.arg.value)
         else:
             raise _syntax("a node must be named literally: nodes.<id> or nodes['<id>']", offset)
-    return Expr(body, raw, offset, names, frozenset(refs), calls, fn)
+    return Expr(body, raw, offset, names, frozenset(refs), calls, _direct_path(tree, fn))
+
+
+def _direct_path(tree: nodes.Expr, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn`, or for a plain path (`payload.after`, `params.ref`: a name and attributes, no
+    call, filter or index) a function that walks the mappings itself -- the same value
+    Jinja gives (ADR 0003: attributes of a mapping are its keys), without its sandboxed
+    machinery -- and hands anything else (a missing key, a value that is not a mapping)
+    to `fn`, so errors read the same."""
+    keys: list[str] = []
+    while isinstance(tree, nodes.Getattr):
+        keys.append(tree.attr)
+        tree = tree.node
+    if not (isinstance(tree, nodes.Name) and tree.ctx == "load"):
+        return fn
+    name = tree.name
+    keys.reverse()
+
+    def walk(context: Mapping[str, Any]) -> Any:
+        value = context.get(name, _MISSING)
+        for key in keys:
+            if not isinstance(value, Mapping):
+                return fn(context)
+            value = value.get(key, _MISSING)
+        return fn(context) if value is _MISSING else value
+
+    return walk
+
+
+_MISSING: Any = object()
 
 
 def _syntax(message: str, offset: int) -> ExpressionError:

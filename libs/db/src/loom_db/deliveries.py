@@ -103,8 +103,8 @@ class NewDelivery:
 _INSERT_MANY = """
 INSERT INTO webhook_deliveries (graph, hook, delivery_id, status_code, outcome, detail,
                                 execution_id, received_at)
-SELECT *, %s::timestamptz FROM unnest(%s::text[], %s::text[], %s::text[], %s::int[],
-                                      %s::text[], %s::text[], %s::text[])
+SELECT *, %b::timestamptz FROM unnest(%b::text[], %b::text[], %b::text[], %b::int[],
+                                      %b::text[], %b::text[], %b::text[])
 """
 
 

@@ -311,24 +311,24 @@ async def create_executions(
 _INSERT_WITH_REQUESTS = """
 WITH new AS (
     SELECT * FROM unnest(
-        %s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::text[], %s::text[],
-        %s::bytea[]
+        %b::text[], %b::text[], %b::int[], %b::text[], %b::text[], %b::text[], %b::text[],
+        %b::bytea[]
     ) AS t(id, graph, graph_version, params, trigger_type, trigger_info, idempotency_key,
            envelope)
 ), inserted AS (
     INSERT INTO executions (id, graph, graph_version, status, params, trigger_type,
                             trigger_info, idempotency_key, cancel_requested, created_at)
     SELECT id, graph, graph_version, 'queued', params::jsonb, trigger_type,
-           trigger_info::jsonb, idempotency_key, false, %s
+           trigger_info::jsonb, idempotency_key, false, %b
     FROM new
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id
 ), requested AS (
     INSERT INTO outbox (channel, key, envelope, created_at)
-    SELECT %s, new.id, new.envelope, %s FROM new JOIN inserted USING (id)
+    SELECT %b, new.id, new.envelope, %b FROM new JOIN inserted USING (id)
     RETURNING 1
 )
-SELECT inserted.id, (SELECT count(*) FROM requested), pg_notify(%s, '') FROM inserted
+SELECT inserted.id, (SELECT count(*) FROM requested), pg_notify(%b, '') FROM inserted
 """
 
 

@@ -19,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, insert, select, text, update
@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from loom_common import CHANNEL_OF, encode_envelope
+from loom_db import raw
 from loom_db.models import outbox as _outbox
 from loom_db.types import utcnow
 
@@ -106,10 +107,23 @@ class OutboxMessage:
     created_at: datetime
 
 
+_FETCH_UNSENT = """
+SELECT id, channel, key, envelope, created_at FROM outbox
+WHERE sent_at IS NULL ORDER BY id LIMIT %b FOR UPDATE SKIP LOCKED
+"""
+_MARK_SENT = "UPDATE outbox SET sent_at = %b WHERE id = ANY(%b::bigint[])"
+
+
 async def fetch_unsent(conn: AsyncConnection, limit: int = 100) -> list[OutboxMessage]:
     """Up to `limit` unsent messages, oldest first. On PostgreSQL the rows stay locked
     until the caller's transaction ends, and rows locked by another relay are skipped:
     publish, `mark_sent`, then commit, all in that transaction."""
+    if conn.dialect.name == "postgresql":  # the relay's every pass: straight on psycopg
+        rows = await raw.execute(conn, _FETCH_UNSENT, [limit])
+        return [
+            OutboxMessage(id, channel, key, bytes(envelope), created_at.astimezone(UTC))
+            for id, channel, key, envelope, created_at in rows
+        ]
     query = (
         select(
             _outbox.c.id,
@@ -122,15 +136,15 @@ async def fetch_unsent(conn: AsyncConnection, limit: int = 100) -> list[OutboxMe
         .order_by(_outbox.c.id)
         .limit(limit)
     )
-    if conn.dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
     result = await conn.execute(query)
     return [OutboxMessage(*row) for row in result]
 
 
 async def mark_sent(conn: AsyncConnection, ids: Sequence[int]) -> None:
     """Mark the messages `ids` sent (now), in the caller's transaction."""
-    if ids:
+    if ids and conn.dialect.name == "postgresql":
+        await raw.execute(conn, _MARK_SENT, [utcnow(), list(ids)])
+    elif ids:
         await conn.execute(
             update(_outbox).where(_outbox.c.id.in_(list(ids))).values(sent_at=utcnow())
         )

@@ -25,7 +25,8 @@ __all__ = ["execute", "json_text"]
 async def execute(
     conn: AsyncConnection, sql: str, params: Sequence[Any] = ()
 ) -> list[tuple[Any, ...]]:
-    """Run `sql` (psycopg placeholders) with `params` in `conn`'s transaction; the rows it
+    """Run `sql` (psycopg placeholders: `%b` sends a parameter in binary, which spares
+    escaping each element of a list) with `params` in `conn`'s transaction; the rows it
     returns (none for a statement that returns none). Raises `DatabaseUnavailable` or
     `TransactionConflict` as the SQLAlchemy path does, other psycopg errors unchanged."""
     if conn.dialect.name != "postgresql":
@@ -34,7 +35,7 @@ async def execute(
     driver: psycopg.AsyncConnection[Any] = raw.driver_connection  # type: ignore[assignment]
     try:
         async with driver.cursor() as cursor:
-            await cursor.execute(sql, params, binary=True)
+            await cursor.execute(sql, params)
             return await cursor.fetchall() if cursor.description is not None else []
     except psycopg.Error as exc:
         kind = classify_driver_error(exc)

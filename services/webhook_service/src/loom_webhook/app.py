@@ -26,6 +26,7 @@ exact).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -40,6 +41,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from loom_auth import problem_response
 from loom_common import ExpressionError, ParamError
@@ -145,6 +147,7 @@ class WebhookHandler:
         self.limiter = HookLimiter(settings.webhook_rate_limit, settings.webhook_rate_burst)
         self.compiled = HookCache()
         self.known: dict[tuple[str, str], _Known] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future[_Known]] = {}
         self.writer = DeliveryWriter(runtime.database)
         registry = runtime.registry
         if id(registry) not in _METRICS:
@@ -242,11 +245,20 @@ class WebhookHandler:
 
     async def _known(self, graph: str, name: str, *, fresh: bool = False) -> _Known:
         """The hook and its secret, from memory unless `fresh` or expired. Raises
-        `_Answer` 404 for an unknown or disabled hook."""
-        now = time.monotonic()
-        known = None if fresh else self.known.get((graph, name))
-        if known is not None and known.expires > now:
+        `_Answer` 404 for an unknown or disabled hook. Concurrent deliveries to a hook
+        that must be read share one read."""
+        key = (graph, name)
+        known = None if fresh else self.known.get(key)
+        if known is not None and known.expires > time.monotonic():
             return known
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(graph, name))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(key, None))
+        return await asyncio.shield(loading)
+
+    async def _load(self, graph: str, name: str) -> _Known:
         async with self.database.read() as conn:
             trigger = await graph_queries.find_webhook(conn, graph, name)
             if trigger is None:
@@ -254,7 +266,7 @@ class WebhookHandler:
                 raise _Answer(_problem(404, "Not Found", _NOT_FOUND), None)
             hook = self.compiled.get(trigger) or await self._compile(conn, trigger)
             secret = await self._secret(conn, hook)
-        known = _Known(hook, secret, now + self.cache_seconds)
+        known = _Known(hook, secret, time.monotonic() + self.cache_seconds)
         if self.cache_seconds > 0:
             if len(self.known) >= _MAX_KNOWN:
                 self.known.clear()
@@ -422,6 +434,19 @@ class WebhookHandler:
         return _json(202, {"execution_id": outcome.execution_id}), "accepted"
 
 
+class _AsgiEndpoint:
+    """The hook routes as a plain ASGI app (Starlette calls an object that is not a
+    function that way): the handler raises no HTTPException, so Starlette's per-request
+    wrapping for them would be work for nothing on the hottest route."""
+
+    def __init__(self, handler: WebhookHandler) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.handler.handle(Request(scope, receive))
+        await response(scope, receive, send)
+
+
 def _unlogged(response: Response) -> str:
     return {404: "not_found", 429: "rate_limited"}.get(response.status_code, "disconnected")
 
@@ -430,9 +455,10 @@ def create_app(runtime: Runtime, settings: WebhookSettings) -> Starlette:
     """The webhook app over `runtime` (its database, keys and metrics registry)."""
     handler = WebhookHandler(runtime, settings)
 
+    deliveries = _AsgiEndpoint(handler)
     routes = [
-        Route("/hooks/{graph}", handler.handle, methods=["POST"]),
-        Route("/hooks/{graph}/{name}", handler.handle, methods=["POST"]),
+        Route("/hooks/{graph}", deliveries, methods=["POST"]),
+        Route("/hooks/{graph}/{name}", deliveries, methods=["POST"]),
         *health_routes(runtime),
     ]
     app = Starlette(routes=routes)
