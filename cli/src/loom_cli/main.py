@@ -18,6 +18,7 @@ SERVICES = {
     "rest": "loom_rest.serve",
     "timer": "loom_timer.serve",
     "webhook": "loom_webhook.serve",
+    "worker": "loom_worker.serve",
 }
 """`loom serve NAME`: the module whose `main()` runs the service."""
 

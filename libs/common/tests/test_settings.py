@@ -109,12 +109,12 @@ def test_bare_constructor_follows_the_same_precedence(
 
 
 def test_unknown_key_in_loom_toml_is_an_error(tmp_path: Path) -> None:
-    write_toml(tmp_path / "loom.toml", "worker_slot = 4\n")
+    write_toml(tmp_path / "loom.toml", "retention_day = 4\n")
 
     with pytest.raises(SettingsError) as caught:
         load_settings()
 
-    assert str(caught.value) == "loom.toml: worker_slot: Extra inputs are not permitted"
+    assert str(caught.value) == "loom.toml: retention_day: Extra inputs are not permitted"
 
 
 class _ServiceSettings(LoomSettings):

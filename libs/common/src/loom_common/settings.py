@@ -59,7 +59,7 @@ _LOG_LEVELS = frozenset(logging.getLevelNamesMapping())
 _LEVEL_ORDER = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
-SERVICE_SETTING_PREFIXES = ("rest_", "webhook_", "timer_", "websocket_")
+SERVICE_SETTING_PREFIXES = ("rest_", "webhook_", "timer_", "websocket_", "worker_")
 """A service's own settings (a `LoomSettings` subclass in its `settings.py`) start with its
 prefix. One `loom.toml` serves every service, so a key with another service's prefix is
 left to that service instead of being an unknown key here (a typo in a key of the service's
@@ -73,7 +73,12 @@ class _TomlSource(TomlConfigSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         known = self.settings_cls.model_fields
-        own = {p for p in SERVICE_SETTING_PREFIXES if any(name.startswith(p) for name in known)}
+        shared = LoomSettings.model_fields  # `worker_slots` is everyone's (DESIGN §13)
+        own = {
+            p
+            for p in SERVICE_SETTING_PREFIXES
+            if any(name.startswith(p) and name not in shared for name in known)
+        }
         others = tuple(set(SERVICE_SETTING_PREFIXES) - own)
         return {
             key: value

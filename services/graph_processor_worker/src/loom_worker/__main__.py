@@ -1,0 +1,3 @@
+from loom_worker.serve import main
+
+main()

@@ -1,0 +1,362 @@
+"""The worker service in-process over a real database (SQLite and PostgreSQL) and the
+memory brokers: claim, admission, store-then-publish, cancel, retry from failure, resume.
+The cross-process faults (SIGKILL, SIGTERM, two workers) are in test_worker_processes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loom_db import Database, executions, graphs, logs, node_runs
+from loom_db.keys import derive_keys
+from loom_db.relay import OutboxRelay
+from loom_db.testing import (  # noqa: F401  (fixtures, found by pytest by name)
+    _postgres_schema,
+    _sqlite_template,
+    postgres_url,
+)
+from loom_db.testing import db as db  # the fixture, re-exported under its own name
+from loom_messaging import Broker, open_broker
+from loom_runtime import Runtime
+from loom_worker.service import Worker
+from loom_worker.settings import WorkerSettings
+
+SECRET_KEY = "worker-test-secret-key-" + "k" * 30
+WAIT = 60.0
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    async with open_broker(f"memory://worker-{uuid.uuid4().hex}") as opened:
+        yield opened
+
+
+def settings(**overrides: Any) -> WorkerSettings:
+    values: dict[str, Any] = {"secret_key": SECRET_KEY, "worker_slots": 4, "lease_seconds": 6}
+    values.update(overrides)
+    return WorkerSettings(**values)
+
+
+class Running:
+    """A worker, with the outbox relay that feeds its queue, until `stop()`."""
+
+    def __init__(self, db: Database, broker: Broker, **overrides: Any) -> None:
+        self.settings = settings(**overrides)
+        self.runtime = Runtime(
+            settings=self.settings, database=db, broker=broker, keys=derive_keys(SECRET_KEY)
+        )
+        self.worker = Worker(self.runtime, self.settings)
+        self.stop_event = asyncio.Event()
+        self.relay = OutboxRelay(db, broker.publishers())
+
+    async def __aenter__(self) -> Running:
+        await self.relay.start()
+        self.task = asyncio.create_task(self.worker.run(self.stop_event))
+        await asyncio.wait_for(self.worker.ready.wait(), WAIT)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop_event.set()
+        await asyncio.wait_for(self.task, WAIT)
+        await self.relay.aclose()
+
+
+async def apply(db: Database, source: str) -> int:
+    async with db.transaction() as conn:
+        record, _ = await graphs.apply_graph(conn, source)
+    return record.version
+
+
+async def trigger(db: Database, graph: str, params: dict[str, Any] | None = None, **kw: Any) -> str:
+    async with db.transaction() as conn:
+        stored = await graphs.get_graph(conn, graph)
+        record, _ = await executions.create_execution(
+            conn,
+            graph=graph,
+            graph_version=stored.version,
+            params=params or {},
+            trigger_type=kw.pop("trigger_type", "manual"),
+            trigger_info={},
+            **kw,
+        )
+    db.notify_committed()
+    return record.id
+
+
+async def until(check: Callable[[], Any]) -> Any:
+    """`check()`'s first truthy answer (awaited if it is a coroutine), within WAIT."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            answer = check()
+            if asyncio.iscoroutine(answer):
+                answer = await answer
+            if answer:
+                return answer
+            await asyncio.sleep(0.05)
+
+
+async def finished(db: Database, execution_id: str) -> executions.ExecutionRecord:
+    async def ended() -> executions.ExecutionRecord | None:
+        async with db.read() as conn:
+            record = await executions.get_execution(conn, execution_id)
+        return record if record.finished else None
+
+    result: executions.ExecutionRecord = await until(ended)
+    return result
+
+
+HELLO = """
+name: hello
+params: {who: {type: string, default: world}}
+nodes:
+  greet:
+    run: |
+      echo "hello ${{ params.who }}"
+      echo "answer=42" >> "$LOOM_OUTPUT"
+  shout:
+    needs: [greet]
+    run: echo "the answer is ${{ nodes.greet.outputs.answer }}"
+"""
+
+
+async def test_an_execution_runs_to_success_and_its_rows_and_events_say_so(
+    db: Database, broker: Broker
+) -> None:
+    await apply(db, HELLO)
+    async with broker.events.subscribe() as events, Running(db, broker):
+        execution_id = await trigger(db, "hello", {"who": "loom"})
+        record = await finished(db, execution_id)
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(WAIT):
+            async for envelope in events:
+                seen.append({"type": envelope.type, **envelope.data})
+                if envelope.type == "execution.status" and envelope.data["status"] == "succeeded":
+                    break
+
+    assert record.status == "succeeded"
+    async with db.read() as conn:
+        runs = await node_runs.latest_node_runs(conn, execution_id)
+        lines = await logs.read_logs(conn, execution_id)
+    assert [(r.node, r.status) for r in runs] == [("greet", "succeeded"), ("shout", "succeeded")]
+    assert runs[0].outputs == {"answer": "42"}
+    texts = [line.text for line in lines]
+    assert "hello loom" in texts and "the answer is 42" in texts
+    assert [line.seq for line in lines] == list(range(1, len(lines) + 1))
+    statuses = [(e["node"], e["status"]) for e in seen if e["type"] == "node.status"]
+    assert ("greet", "running") in statuses and ("shout", "succeeded") in statuses
+    published = [line["seq"] for e in seen if e["type"] == "log.batch" for line in e["lines"]]
+    assert published == [line.seq for line in lines]
+
+
+async def test_a_poisonous_message_is_dead_lettered_with_the_reason(
+    db: Database, broker: Broker
+) -> None:
+    from loom_common import encode_envelope
+
+    async with Running(db, broker):
+        await broker.queue.publish(encode_envelope("graph.changed", {"graph": "x"}), "x")
+        letters = await until(broker.queue.dead_letters)
+
+    assert "execution.requested" in letters[0].reason
+
+
+async def test_cancel_kills_the_whole_process_tree(
+    db: Database, broker: Broker, tmp_path: Path
+) -> None:
+    marker = f"loom-cancel-{uuid.uuid4().hex}"
+    await apply(
+        db,
+        f"""
+name: sleepy
+nodes:
+  wait:
+    run: |
+      bash -c 'exec -a {marker} sleep 600' &
+      echo started
+      wait
+  after:
+    needs: [wait]
+    if: ${{{{ always() }}}}
+    run: echo never
+""",
+    )
+    async with Running(db, broker):
+        execution_id = await trigger(db, "sleepy")
+        await until(lambda: _processes(marker))
+        async with db.transaction() as conn:
+            await executions.request_cancel(conn, execution_id, "test")
+        db.notify_committed()
+        record = await finished(db, execution_id)
+        await until(lambda: not _processes(marker))
+
+    assert record.status == "cancelled"
+    async with db.read() as conn:
+        runs = {r.node: r.status for r in await node_runs.latest_node_runs(conn, execution_id)}
+    assert runs["wait"] == "cancelled"
+
+
+def _processes(marker: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    return [pid for pid in found.stdout.split() if int(pid) != os.getpid()]
+
+
+@pytest.mark.parametrize("on_overlap", ["queue", "skip", "cancel_running"])
+async def test_concurrency_one_under_ten_simultaneous_triggers(
+    db: Database, broker: Broker, on_overlap: str
+) -> None:
+    await apply(
+        db,
+        f"""
+name: single
+concurrency: 1
+on_overlap: {on_overlap}
+nodes:
+  work: {{run: "sleep 0.2"}}
+""",
+    )
+    async with Running(db, broker):
+        ids = await asyncio.gather(*(trigger(db, "single") for _ in range(10)))
+        records = [await finished(db, i) for i in ids]
+
+    statuses = sorted(r.status for r in records)
+    if on_overlap == "queue":
+        assert statuses == ["succeeded"] * 10
+        spans = sorted(
+            (r.started_at.timestamp(), r.finished_at.timestamp())
+            for r in records
+            if r.started_at and r.finished_at
+        )
+        assert len(spans) == 10
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # one at a time
+    elif on_overlap == "skip":
+        assert "succeeded" in statuses and set(statuses) <= {"succeeded", "skipped"}
+        assert statuses.count("skipped") >= 1
+    else:
+        assert statuses.count("succeeded") >= 1
+        assert set(statuses) <= {"succeeded", "cancelled"}
+
+
+async def test_retry_from_failure_reuses_the_succeeded_nodes(
+    db: Database, broker: Broker, tmp_path: Path
+) -> None:
+    counter = tmp_path / "counter"
+    flag = tmp_path / "fail"
+    flag.write_text("1")
+    await apply(
+        db,
+        f"""
+name: flaky
+nodes:
+  first:
+    run: |
+      echo ran >> {counter}
+      echo "value=7" >> "$LOOM_OUTPUT"
+  second:
+    needs: [first]
+    run: |
+      test ! -e {flag}
+      echo "got ${{{{ nodes.first.outputs.value }}}}"
+""",
+    )
+    async with Running(db, broker):
+        origin = await finished(db, await trigger(db, "flaky"))
+        flag.unlink()
+        retry_id = await trigger(db, "flaky", trigger_type="retry", origin_id=origin.id)
+        retry = await finished(db, retry_id)
+        async with db.read() as conn:
+            lines = [line.text for line in await logs.read_logs(conn, retry_id)]
+
+    assert (origin.status, retry.status) == ("failed", "succeeded")
+    assert counter.read_text().splitlines() == ["ran"]  # `first` did not run again
+    assert "got 7" in lines
+
+
+async def test_a_resumed_execution_keeps_succeeded_nodes_and_continues_the_seq(
+    db: Database, broker: Broker, tmp_path: Path
+) -> None:
+    """What a crash leaves behind -- `first` succeeded, `second` was running, lines 1..3
+    stored, the lease expired -- is resumed: `first` is not re-run, `second` runs as
+    attempt 2, the seq continues at 4."""
+    from datetime import UTC, datetime, timedelta
+
+    from loom_db.logs import LogLineIn
+    from loom_db.node_runs import NodeChange
+
+    counter = tmp_path / "counter"
+    await apply(
+        db,
+        f"""
+name: resumable
+nodes:
+  first: {{run: "echo first >> {counter}"}}
+  second:
+    needs: [first]
+    run: echo second | tee -a {counter}
+""",
+    )
+    execution_id = await trigger(db, "resumable")
+    now = datetime.now(UTC)
+    async with db.transaction() as conn:
+        assert await executions.claim(conn, execution_id, "dead-worker", 1) is not None
+        await executions.admit(
+            conn, execution_id, "dead-worker", 1, concurrency=None, on_overlap="queue"
+        )
+        await node_runs.record_nodes(
+            conn,
+            execution_id,
+            [
+                NodeChange("first", "first", None, 1, "succeeded", now, now),
+                NodeChange("second", "second", None, 1, "running", now),
+            ],
+        )
+        await logs.append_logs(
+            conn, execution_id, [LogLineIn(i, "first", "stdout", now, f"l{i}") for i in (1, 2, 3)]
+        )
+        # The dead worker's lease expired and the reaper requested it again.
+        await executions.reap(conn, now=now + timedelta(seconds=5), queued_after_seconds=0)
+    db.notify_committed()
+    async with Running(db, broker):
+        record = await finished(db, execution_id)
+
+    assert record.status == "succeeded"
+    assert counter.read_text().splitlines() == ["second"]
+    async with db.read() as conn:
+        attempts = [
+            (r.node, r.attempt, r.status) for r in await node_runs.all_node_runs(conn, execution_id)
+        ]
+        seqs = [line.seq for line in await logs.read_logs(conn, execution_id)]
+    assert ("second", 2, "succeeded") in attempts
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 3
+
+
+async def test_sigterm_path_hands_a_long_execution_back_to_the_queue(
+    db: Database, broker: Broker
+) -> None:
+    await apply(db, "name: long\nnodes:\n  nap: {run: 'sleep 600'}\n")
+    worker = Running(db, broker, shutdown_grace=0.5)
+    async with worker:
+        execution_id = await trigger(db, "long")
+        await until(lambda: execution_id in worker.worker.runs)
+        await asyncio.sleep(0.3)
+
+    async with db.read() as conn:
+        record = await executions.get_execution(conn, execution_id)
+    assert record.status == "running" and record.worker_id is None
+
+    # Handed back through the outbox: the next worker takes it over.
+    async with Running(db, broker, shutdown_grace=0.5) as second:
+        await until(lambda: execution_id in second.worker.runs)
+        async with db.read() as conn:
+            record = await executions.get_execution(conn, execution_id)
+        assert record.worker_id == second.worker.worker_id
+        async with db.transaction() as conn:
+            await executions.request_cancel(conn, execution_id, "test")
+        db.notify_committed()
+        assert (await finished(db, execution_id)).status == "cancelled"
