@@ -360,3 +360,46 @@ async def test_sigterm_path_hands_a_long_execution_back_to_the_queue(
             await executions.request_cancel(conn, execution_id, "test")
         db.notify_committed()
         assert (await finished(db, execution_id)).status == "cancelled"
+
+
+@pytest.mark.slow
+async def test_postgres_stopped_for_ten_seconds_neither_crashes_the_worker_nor_runs_twice(
+    tmp_path: Path,
+) -> None:
+    from loom_db import create_database
+    from loom_db.migrate import upgrade
+    from loom_db.testing import private_postgres
+
+    trail = tmp_path / "trail"
+    with private_postgres() as server:
+        database = create_database(server.url)
+        try:
+            await upgrade(database)
+            await apply(
+                database,
+                "name: steady\nnodes:\n"
+                + "\n".join(
+                    f"  s{i}:\n"
+                    + (f"    needs: [s{i - 1}]\n" if i else "")
+                    + f"    run: |\n      echo s{i} | tee -a {trail}\n      sleep 1"
+                    for i in range(6)
+                )
+                + "\n",
+            )
+            async with open_broker(f"memory://worker-{uuid.uuid4().hex}") as broker:
+                async with Running(database, broker, lease_seconds=30) as running:
+                    execution_id = await trigger(database, "steady")
+                    await until(lambda: trail.exists())
+                    server.stop()
+                    await asyncio.sleep(10)
+                    server.start()
+                    record = await finished(database, execution_id)
+                    assert not running.task.done()  # the worker lived through it
+
+            assert record.status == "succeeded"
+            assert trail.read_text().split() == [f"s{i}" for i in range(6)]
+            async with database.read() as conn:
+                seqs = [line.seq for line in await logs.read_logs(conn, execution_id)]
+            assert seqs == list(range(1, 7))
+        finally:
+            await database.dispose()
