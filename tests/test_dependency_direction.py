@@ -31,9 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Packages named in DESIGN §2, so a rule still holds before the member exists.
-KNOWN_LIBS = frozenset(
-    {"loom_common", "loom_db", "loom_messaging", "loom_auth", "loom_runtime"}
-)
+KNOWN_LIBS = frozenset({"loom_common", "loom_db", "loom_messaging", "loom_auth", "loom_runtime"})
 RUNTIME = "loom_runtime"  # the lib that assembles the others for services (ADR 0007)
 KNOWN_SERVICES = frozenset(
     {"loom_webhook", "loom_timer", "loom_rest", "loom_worker", "loom_websocket"}

@@ -1,9 +1,11 @@
-"""The client commands (`loom login`, `apply`, `graphs`, `trigger`, `executions`, `cancel`)
-against a REAL REST service, started with `loom serve rest` on SQLite and memory brokers:
-what a user sees printed, the exit status a script sees, and the state the server keeps."""
+"""The client commands (`loom login`, `apply`, `graphs`, `trigger`, `executions`, `cancel`,
+`dlq`) against a REAL REST service, started with `loom serve rest` on SQLite and memory
+brokers (RabbitMQ for `dlq`): what a user sees printed, the exit status a script sees, and
+the state the server keeps."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +28,8 @@ from click.testing import CliRunner, Result
 
 from loom_cli.main import cli
 from loom_db.migrate import upgrade_sync
+from loom_messaging import encode, open_broker
+from loom_messaging.rabbitmq import delete_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "correct horse battery staple"
@@ -60,15 +65,14 @@ class Server:
         return str(answer.json()["token"])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`loom serve rest` on a fresh SQLite database; stopped with SIGTERM at the end,
-    which must end it with status 0 (a graceful shutdown)."""
-    home = tmp_path_factory.mktemp("server")
+@contextmanager
+def serve_rest(home: Path, **env: str) -> Iterator[Server]:
+    """`loom serve rest` on a fresh SQLite database and the brokers `env` names; stopped
+    with SIGTERM at the end, which must end it with status 0 (a graceful shutdown)."""
     url = f"sqlite+aiosqlite:///{home / 'loom.db'}"
     upgrade_sync(url)
     port = free_port()
-    env = {
+    environ = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LOOM_")},
         "LOOM_DATABASE_URL": url,
         "LOOM_SECRET_KEY": SECRET_KEY,
@@ -78,13 +82,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "LOOM_QUEUE_URL": "memory://",
         "LOOM_EVENTS_URL": "memory://",
         "LOOM_BROKER_PREFIX": f"cli-{uuid.uuid4().hex[:8]}",
+        **env,
     }
     log = home / "server.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "loom_cli", "serve", "rest"],
             cwd=home,
-            env=env,
+            env=environ,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -111,6 +116,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             process.wait()
             raise
     assert status == 0, f"SIGTERM ended the service with {status}:\n{log.read_text()}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The REST service on SQLite and memory brokers."""
+    with serve_rest(tmp_path_factory.mktemp("server")) as started:
+        yield started
 
 
 @pytest.fixture
@@ -384,6 +396,152 @@ def test_executions_limit_caps_the_list(loom: Loom, logged_in: Path, tmp_path: P
     assert [e["id"] for e in json.loads(result.stdout)] == ids[::-1][:2]
 
 
+# --- dlq -------------------------------------------------------------------------------
+# Dead letters are made by a consumer of the server's work queue. A memory broker lives in
+# one process, so these tests run the server on the shared RabbitMQ under a prefix of
+# their own, and dead-letter messages for real from here.
+
+
+@dataclass
+class RabbitServer:
+    server: Server
+    amqp_url: str
+    prefix: str
+
+    def env(self, role: str = "admin") -> dict[str, str]:
+        return {"LOOM_SERVER": self.server.url, "LOOM_TOKEN": self.server.api_token(role)}
+
+
+@pytest.fixture(scope="module")
+def rabbit_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitServer]:
+    """The REST service with its work queue on RabbitMQ (LOOM_TEST_AMQP_URL)."""
+    amqp_url = os.environ.get("LOOM_TEST_AMQP_URL")
+    if not amqp_url:
+        if os.environ.get("LOOM_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail("LOOM_TEST_AMQP_URL is not set and LOOM_TEST_REQUIRE_SERVICES=1")
+        pytest.skip("LOOM_TEST_AMQP_URL is not set: `loom dlq` tests skipped")
+    prefix = f"clitest-{uuid.uuid4().hex[:10]}"
+    home = tmp_path_factory.mktemp("rabbit-server")
+    try:
+        with serve_rest(home, LOOM_QUEUE_URL=amqp_url, LOOM_BROKER_PREFIX=prefix) as started:
+            yield RabbitServer(started, amqp_url, prefix)
+    finally:
+        asyncio.run(delete_prefix(amqp_url, prefix))
+
+
+async def _dead_letter(rabbit: RabbitServer, reason: str) -> tuple[str, str]:
+    """Publish a body that is not JSON and an `execution.requested`, then consume both as
+    a worker would: the first is refused, the second given up on with `reason`. Returns
+    their keys (the second is its execution id)."""
+    junk_key, execution_id = unique("junk"), unique("e")
+    async with open_broker(rabbit.amqp_url, prefix=rabbit.prefix) as broker:
+        before = len(await broker.queue.dead_letters(1000))
+        await broker.queue.publish(b"\xffnot json", junk_key)
+        message = {"execution_id": execution_id, "graph": "build"}
+        await broker.queue.publish(encode("execution.requested", message), execution_id)
+        async with broker.queue.consume() as deliveries:
+            async with asyncio.timeout(10):
+                delivery = await anext(aiter(deliveries))
+            await delivery.dead_letter(reason)
+        deadline = time.monotonic() + 10
+        while len(await broker.queue.dead_letters(1000)) < before + 2:
+            assert time.monotonic() < deadline, "the undecodable message was not dead-lettered"
+            await asyncio.sleep(0.05)
+    return junk_key, execution_id
+
+
+async def _receive(rabbit: RabbitServer) -> tuple[str, dict[str, object]]:
+    """The next message of the work queue (acked): its key and data."""
+    async with open_broker(rabbit.amqp_url, prefix=rabbit.prefix) as broker:
+        async with broker.queue.consume() as deliveries:
+            async with asyncio.timeout(10):
+                delivery = await anext(aiter(deliveries))
+            await delivery.ack()
+    return delivery.key, delivery.envelope.data
+
+
+def test_dlq_list_of_a_server_without_dead_letters_is_empty(loom: Loom, logged_in: Path) -> None:
+    table = loom("dlq", "list")
+    as_json = loom("dlq", "-o", "json", "list")
+
+    assert (table.exit_code, table.stdout.split()) == (
+        0,
+        ["ID", "KEY", "TYPE", "DEAD-LETTERED", "REASON"],
+    )
+    assert (as_json.exit_code, json.loads(as_json.stdout)) == (0, [])
+
+
+def test_dlq_lists_dead_letters_and_replays_one_onto_the_work_queue(
+    loom: Loom, rabbit_server: RabbitServer
+) -> None:
+    env = rabbit_server.env()
+    junk_key, execution_id = asyncio.run(_dead_letter(rabbit_server, "graph 'build' was\ngone"))
+
+    table = loom("dlq", "list", **env)
+    as_json = loom("dlq", "list", "-o", "json", **env)
+
+    assert table.exit_code == as_json.exit_code == 0, table.output + as_json.output
+    by_key = {item["key"]: item for item in json.loads(as_json.stdout)}
+    letter, junk = by_key[execution_id], by_key[junk_key]
+    assert letter["type"] == "execution.requested"
+    assert letter["data"] == {"execution_id": execution_id, "graph": "build"}
+    assert junk["type"] is None and junk["preview_encoding"] == "base64"
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["ID", "KEY", "TYPE", "DEAD-LETTERED", "REASON"]
+    row = next(line for line in lines if line.startswith(letter["id"]))
+    assert row.split()[1:3] == [execution_id, "execution.requested"]
+    assert row.endswith("graph 'build' was gone")  # the reason, on its row
+    junk_row = next(line for line in lines if line.startswith(junk["id"]))
+    assert junk_row.split()[1:3] == [junk_key, "-"] and "not JSON" in junk_row
+
+    replayed = loom("dlq", "replay", letter["id"], **env)
+
+    assert (replayed.exit_code, replayed.stdout) == (
+        0,
+        f"replayed dead letter {letter['id']}: it is back on the work queue\n",
+    )
+    assert asyncio.run(_receive(rabbit_server)) == (execution_id, letter["data"])
+    remaining = {
+        item["key"] for item in json.loads(loom("dlq", "list", "-o", "json", **env).stdout)
+    }
+    assert junk_key in remaining and execution_id not in remaining
+    again = loom("dlq", "replay", letter["id"], **env)
+    assert again.exit_code == 1
+    assert again.stderr.startswith("loom: Not Found: ")
+    junk_replayed = loom("dlq", "replay", "-o", "json", junk["id"], **env)
+    assert junk_replayed.exit_code == 0, junk_replayed.output
+    assert json.loads(junk_replayed.stdout) == {"id": junk["id"], "replayed": True}
+
+
+def test_dlq_list_limit_shows_the_oldest_and_says_there_may_be_more(
+    loom: Loom, rabbit_server: RabbitServer
+) -> None:
+    asyncio.run(_dead_letter(rabbit_server, "given up"))
+    env = rabbit_server.env()
+
+    limited = loom("dlq", "list", "--limit", "1", **env)
+    everything = json.loads(loom("dlq", "list", "-o", "json", **env).stdout)
+
+    assert limited.exit_code == 0, limited.output
+    assert len(everything) >= 2
+    assert len(limited.stdout.splitlines()) == 2  # the header and the oldest
+    assert limited.stdout.splitlines()[1].startswith(everything[0]["id"])
+    assert "there may be more" in limited.stderr
+    assert loom("dlq", "list", "--limit", "0", **env).exit_code == 2
+
+
+def test_dlq_is_for_admins_and_others_exit_3(loom: Loom, rabbit_server: RabbitServer) -> None:
+    for role in ("viewer", "editor"):
+        env = rabbit_server.env(role)
+
+        listed = loom("dlq", "list", **env)
+        replayed = loom("dlq", "replay", "anything", **env)
+
+        for result in (listed, replayed):
+            assert result.exit_code == 3, role
+            assert result.stderr.startswith("loom: Forbidden: ")
+
+
 # --- tokens, refresh, errors ------------------------------------------------------------
 
 
@@ -479,7 +637,7 @@ def test_serve_names_the_services_it_knows(loom: Loom) -> None:
     result = loom("serve", "nope")
 
     assert result.exit_code == 2
-    assert "'nope' is not 'rest'" in result.stderr
+    assert "'nope' is not one of 'rest', " in result.stderr
 
 
 def test_a_command_that_raced_another_refresh_adopts_its_pair_and_stays_logged_in(

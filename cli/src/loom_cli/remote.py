@@ -1,6 +1,6 @@
 """The commands that talk to a Loom server over its REST API (DESIGN §5, §12): `loom login`,
 `loom apply`, `loom graphs [enable|disable]`, `loom trigger`, `loom executions`,
-`loom cancel`.
+`loom cancel`, `loom dlq list|replay`.
 
 Each takes `--server`/`LOOM_SERVER`, `--token`/`LOOM_TOKEN` (an API token, for scripts)
 and `-o/--output json`; without them the server and tokens stored by `loom login` are
@@ -564,6 +564,66 @@ def cancel(execution_id: str, server: str | None, token: str | None, output: str
         )
 
 
+# --- dead letters -----------------------------------------------------------------------
+
+
+@click.group("dlq", epilog=EXIT_STATUS_HELP)
+@_remote_options
+def dlq(server: str | None, token: str | None, output: str | None) -> None:
+    """The work queue's dead letters: messages given up on, with why (admins only)."""
+
+
+@dlq.command("list", epilog=EXIT_STATUS_HELP)
+@click.option(
+    "--limit",
+    "-n",
+    type=click.IntRange(min=1, max=1000),
+    default=100,
+    show_default=True,
+    help="At most this many, oldest first.",
+)
+@_remote_options
+def dlq_list(limit: int, server: str | None, token: str | None, output: str | None) -> None:
+    """List dead letters, oldest first: id, key, type, when, and why.
+
+    A message that is not an envelope shows no type; `-o json` has its preview.
+    """
+    with _remote(server, token, output) as remote:
+        page = remote.client.get("/dlq", {"limit": limit})
+        items = page.get("items") if isinstance(page, dict) else None
+        if not isinstance(items, list):
+            raise ClientError(NOT_LOOM, EXIT_UNREACHABLE)
+        if remote.json_output:
+            remote.print_json(items)
+            return
+        rows = [
+            (
+                str(d.get("id")),
+                str(d.get("key") or "-"),
+                str(d.get("type") or "-"),
+                _when(d.get("at")),
+                " ".join(str(d.get("reason")).split()),  # one line per dead letter
+            )
+            for d in items
+        ]
+        _table(("ID", "KEY", "TYPE", "DEAD-LETTERED", "REASON"), rows)
+        if len(items) == limit:
+            click.echo(f"(the oldest {limit}: there may be more, see --limit)", err=True)
+
+
+@dlq.command("replay", epilog=EXIT_STATUS_HELP)
+@click.argument("letter_id", metavar="ID")
+@_remote_options
+def dlq_replay(letter_id: str, server: str | None, token: str | None, output: str | None) -> None:
+    """Put dead letter ID back on the work queue, as a new message."""
+    with _remote(server, token, output) as remote:
+        remote.client.call("POST", f"/dlq/{_q(letter_id)}/replay")
+        if remote.json_output:
+            remote.print_json({"id": letter_id, "replayed": True})
+            return
+        click.echo(f"replayed dead letter {letter_id}: it is back on the work queue")
+
+
 def _json_of(response: Any) -> Any:
     try:
         value = response.json()
@@ -581,4 +641,5 @@ REMOTE_COMMANDS: tuple[click.Command, ...] = (
     trigger,
     executions,
     cancel,
+    dlq,
 )

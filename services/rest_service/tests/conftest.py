@@ -1,10 +1,12 @@
 """Fixtures of the REST service's tests: the app over a real database (SQLite and
-PostgreSQL, from `loom_db.testing`) and the memory broker, driven in-process through
-httpx's ASGI transport, with a logged-in client for each role.
+PostgreSQL, from `loom_db.testing`) and the memory broker (RabbitMQ too, for the tests
+that ask), driven in-process through httpx's ASGI transport, with a logged-in client for
+each role.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,9 +46,30 @@ def make_settings(**overrides: object) -> RestSettings:
 
 
 @pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    async with open_broker(f"memory://rest-{uuid.uuid4().hex}") as opened:
-        yield opened
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    """A memory broker of its own. A test parametrized indirectly with
+    `@pytest.mark.parametrize("broker", ["memory", "rabbitmq"], indirect=True)` runs on the
+    shared RabbitMQ too (LOOM_TEST_AMQP_URL), under a prefix of its own that is deleted
+    afterwards; without that URL it is skipped, or fails under LOOM_TEST_REQUIRE_SERVICES=1."""
+    backend = getattr(request, "param", "memory")
+    if backend == "memory":
+        async with open_broker(f"memory://rest-{uuid.uuid4().hex}") as opened:
+            yield opened
+        return
+    assert backend == "rabbitmq", backend
+    url = os.environ.get("LOOM_TEST_AMQP_URL")
+    if not url:
+        if os.environ.get("LOOM_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail("LOOM_TEST_AMQP_URL is not set and LOOM_TEST_REQUIRE_SERVICES=1")
+        pytest.skip("LOOM_TEST_AMQP_URL is not set: RabbitMQ tests skipped")
+    from loom_messaging.rabbitmq import delete_prefix
+
+    prefix = f"resttest-{uuid.uuid4().hex[:10]}"
+    try:
+        async with open_broker(url, prefix=prefix) as opened:
+            yield opened
+    finally:
+        await delete_prefix(url, prefix)
 
 
 @pytest.fixture

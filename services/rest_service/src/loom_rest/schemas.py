@@ -312,9 +312,21 @@ class AuditOut(_Out):
 
 
 class DeadLetterOut(_Out):
-    id: str
-    key: str
-    reason: str
-    at: datetime
-    type: str | None = Field(description="The message type, when the body decodes")
-    data: Any = Field(default=None, description="The message's data, when the body decodes")
+    id: str = Field(description="What `POST /api/v1/dlq/{id}/replay` takes")
+    key: str = Field(description="The message key (for executions: the execution id)")
+    reason: str = Field(description="Why it was dead-lettered")
+    at: datetime = Field(description="When it was dead-lettered")
+    type: str | None = Field(
+        description="The envelope's type (even one Loom does not know); null when the "
+        "body is not an envelope"
+    )
+    data: Any = Field(
+        default=None, description="The envelope's data; null when the body is not an envelope"
+    )
+    size: int = Field(description="The body's size in bytes")
+    preview: str | None = Field(
+        default=None,
+        description="When the body is not an envelope: its first 1,024 bytes, as text or "
+        "base64 (`preview_encoding`)",
+    )
+    preview_encoding: Literal["text", "base64"] | None = None

@@ -2,26 +2,31 @@
 
 `GET /api/v1/dlq` answers `{items, next_cursor}` like every list, with `next_cursor`
 always null: brokers list their dead letters oldest first up to a limit, with no position
-to continue from. A replay publishes the message again (202) and is audited; the audit
-entry is written in the transaction around the replay, so a replay that fails leaves
-none. A broker that cannot be reached answers 503 (`problems.problem_for`).
+to continue from. Each item shows what the message was: its type and data when the body
+is an envelope (even one of a type or version Loom does not take: the reason says why it
+was refused), else a preview of its bytes. A replay publishes the message again (202)
+and is audited; the audit entry is written in the transaction around the replay, so a
+replay that fails leaves none. A broker that cannot be reached answers 503
+(`problems.problem_for`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from loom_auth import Role
 from loom_db import audit
-from loom_messaging import DeadLetter, InvalidMessage, decode
+from loom_messaging import MAX_MESSAGE_BYTES, DeadLetter
 from loom_rest.api import Call, Endpoint
 from loom_rest.problems import ApiProblem
 from loom_rest.schemas import AuditOut, DeadLetterOut, Page, PageQuery
 
-__all__ = ["ENDPOINTS", "AuditPage", "DeadLetterPage"]
+__all__ = ["ENDPOINTS", "PREVIEW_BYTES", "AuditPage", "DeadLetterPage", "body_preview"]
 
 _NO_NUL = r"^[^\x00]*$"  # PostgreSQL's text cannot hold NUL: refused as input, never a 500
 
@@ -69,15 +74,19 @@ async def list_audit(call: Call[None, AuditQuery]) -> AuditPage:
     return AuditPage(items=items, next_cursor=next_cursor)
 
 
+PREVIEW_BYTES = 1024
+"""How much of a body that is not an envelope a dead letter shows."""
+
+
 def _dead_letter_out(letter: DeadLetter) -> DeadLetterOut:
-    message_type: str | None = None
-    data: Any = None
-    try:
-        envelope = decode(letter.body)
-    except InvalidMessage:
-        pass  # shown without type and data: the reason says why it did not decode
+    envelope = _envelope_of(letter.body)
+    if envelope is None:
+        preview, encoding = body_preview(letter.body)
+        message_type, data = None, None
     else:
-        message_type, data = envelope.type, envelope.data
+        preview, encoding = None, None
+        kind = envelope.get("type")
+        message_type, data = (kind if isinstance(kind, str) else None), envelope["data"]
     return DeadLetterOut(
         id=letter.id,
         key=letter.key,
@@ -85,7 +94,39 @@ def _dead_letter_out(letter: DeadLetter) -> DeadLetterOut:
         at=letter.at,
         type=message_type,
         data=data,
+        size=len(letter.body),
+        preview=preview,
+        preview_encoding=encoding,
     )
+
+
+def _envelope_of(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object with `data`, whether or not `decode` takes it (an unknown
+    type or version is worth showing as it is); None for anything else, and for a body
+    over the cap of a work-queue message (it is shown as a preview, not parsed whole)."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        return None
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return raw if isinstance(raw, dict) and "data" in raw else None
+
+
+def body_preview(body: bytes) -> tuple[str, Literal["text", "base64"]]:
+    """The first `PREVIEW_BYTES` of `body`: as text when they are UTF-8 without control
+    characters (but tab and newlines), else as base64."""
+    head = body[:PREVIEW_BYTES]
+    text: str | None
+    try:
+        text = head.decode()
+    except UnicodeDecodeError as exc:
+        # The cut may split a character: what comes before it is still text.
+        cut_short = len(body) > PREVIEW_BYTES and exc.reason == "unexpected end of data"
+        text = head[: exc.start].decode() if cut_short else None
+    if text is not None and not any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return text, "text"
+    return base64.b64encode(head).decode("ascii"), "base64"
 
 
 async def list_dead_letters(call: Call[None, DeadLetterQuery]) -> DeadLetterPage:
