@@ -8,7 +8,7 @@ import asyncio
 import os
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ from loom_runtime import Runtime
 from loom_worker.service import Worker
 from loom_worker.settings import WorkerSettings
 
+from .conftest import WAIT, until
+
 SECRET_KEY = "worker-test-secret-key-" + "k" * 30
-WAIT = 60.0
 
 
 @pytest.fixture
@@ -88,18 +89,6 @@ async def trigger(db: Database, graph: str, params: dict[str, Any] | None = None
         )
     db.notify_committed()
     return record.id
-
-
-async def until(check: Callable[[], Any]) -> Any:
-    """`check()`'s first truthy answer (awaited if it is a coroutine), within WAIT."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            answer = check()
-            if asyncio.iscoroutine(answer):
-                answer = await answer
-            if answer:
-                return answer
-            await asyncio.sleep(0.05)
 
 
 async def finished(db: Database, execution_id: str) -> executions.ExecutionRecord:

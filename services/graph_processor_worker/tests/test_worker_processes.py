@@ -15,11 +15,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -29,8 +28,9 @@ from loom_db.relay import OutboxRelay
 from loom_db.testing import fresh_postgres_database, require_services
 from loom_messaging import open_broker
 
+from .conftest import until
+
 SECRET_KEY = "worker-process-secret-key-" + "p" * 30
-WAIT = 90.0
 LEASE = 3
 
 pytestmark = pytest.mark.slow
@@ -109,17 +109,6 @@ class System:
     async def record(self, execution_id: str) -> executions.ExecutionRecord:
         async with self.database.read() as conn:
             return await executions.get_execution(conn, execution_id)
-
-
-async def until(check: Callable[[], Any], timeout: float = WAIT) -> Any:  # noqa: ASYNC109
-    async with asyncio.timeout(timeout):
-        while True:
-            answer = check()
-            if asyncio.iscoroutine(answer):
-                answer = await answer
-            if answer:
-                return answer
-            await asyncio.sleep(0.1)
 
 
 @contextmanager

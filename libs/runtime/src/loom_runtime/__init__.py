@@ -9,6 +9,7 @@ This lib sits above the others: it may import `loom_common`, `loom_db`,
 """
 
 from loom_runtime.health import check_database, health_routes, readiness
+from loom_runtime.metrics import metrics_of
 from loom_runtime.runtime import Runtime, open_runtime
 from loom_runtime.serve import hypercorn_config, run_service, serve_app, stop_on_signals
 
@@ -17,6 +18,7 @@ __all__ = [
     "check_database",
     "health_routes",
     "hypercorn_config",
+    "metrics_of",
     "open_runtime",
     "readiness",
     "run_service",

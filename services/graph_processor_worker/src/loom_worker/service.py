@@ -39,11 +39,11 @@ from loom_db.errors import Conflict
 from loom_db.executions import ExecutionRecord
 from loom_db.models import executions as execution_rows
 from loom_messaging import Delivery
-from loom_runtime import Runtime
+from loom_runtime import Runtime, metrics_of
 from loom_worker.engine import Engine, Execution
 from loom_worker.events import NODE_TERMINAL, PriorNode
 from loom_worker.settings import WorkerSettings
-from loom_worker.store import Batch, EventStore, publish_quietly
+from loom_worker.store import EXECUTION_FINAL, Batch, EventStore, publish_quietly
 
 __all__ = ["Worker", "WorkerMetrics"]
 
@@ -93,9 +93,6 @@ class WorkerMetrics:
         )
 
 
-_METRICS: dict[int, WorkerMetrics] = {}
-
-
 class _Run:
     """One execution this worker owns."""
 
@@ -106,6 +103,8 @@ class _Run:
         self.releasing = False
         """Shutting down: the execution goes back to the queue, nothing more is stored."""
         self.lost = False
+        self.ended = False
+        """The final status is stored: the lease is gone by design (`finish` clears it)."""
         self.renewed = time.monotonic()
         self.started: dict[tuple[str, int], float] = {}
         self.store = EventStore(
@@ -121,7 +120,7 @@ class _Run:
 
     def lose(self) -> None:
         """The lease is gone: stop the processes, store nothing more."""
-        if not self.lost:
+        if not (self.lost or self.ended):
             self.lost = True
             self.store.abandon()
             self.execution.cancel()
@@ -139,6 +138,7 @@ class _Run:
                 if began is not None:
                     metrics.node_seconds.observe(time.monotonic() - began)
         if batch.final is not None:
+            self.ended = True
             metrics.executions.labels(batch.final.status).inc()
 
     async def run(self) -> None:
@@ -179,10 +179,7 @@ class Worker:
         self.lease_seconds = float(settings.lease_seconds)
         self.engine = engine
         self._own_engine = engine is None
-        registry = runtime.registry
-        if id(registry) not in _METRICS:
-            _METRICS[id(registry)] = WorkerMetrics.of(registry)
-        self.metrics = _METRICS[id(registry)]
+        self.metrics = metrics_of(runtime.registry, WorkerMetrics.of)
         self.runs: dict[str, _Run] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._graphs: OrderedDict[tuple[str, int], Graph] = OrderedDict()
@@ -395,7 +392,9 @@ class Worker:
         interval = self.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            runs = [run for run in self.runs.values() if not (run.lost or run.releasing)]
+            runs = [
+                run for run in self.runs.values() if not (run.lost or run.releasing or run.ended)
+            ]
             if not runs:
                 continue
             try:
@@ -407,6 +406,21 @@ class Worker:
                             conn, run.record.id, self.worker_id, self.lease_seconds
                         )
                     ]
+                    if lost:
+                        # One that ended since the list was made (its final batch
+                        # committed: `finish` clears the lease) was not taken from us.
+                        ended = set(
+                            (
+                                await conn.execute(
+                                    select(execution_rows.c.id).where(
+                                        execution_rows.c.id.in_([r.record.id for r in lost]),
+                                        execution_rows.c.status.in_(EXECUTION_FINAL),
+                                        execution_rows.c.worker_id.is_(None),
+                                    )
+                                )
+                            ).scalars()
+                        )
+                        lost = [run for run in lost if run.record.id not in ended]
                     flagged = set(
                         (
                             await conn.execute(

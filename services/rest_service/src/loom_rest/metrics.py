@@ -3,10 +3,9 @@ is given (so `loom up` exposes every service's metrics from one registry)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
-from weakref import WeakKeyDictionary
-
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from loom_runtime import metrics_of
 
 __all__ = ["RestMetrics"]
 
@@ -17,14 +16,9 @@ class RestMetrics:
     """The REST metrics of one registry. Use `RestMetrics.of(registry)`: a registry takes
     each metric name once, and an app may be created twice over one runtime."""
 
-    _made: ClassVar[WeakKeyDictionary[CollectorRegistry, RestMetrics]] = WeakKeyDictionary()
-
     @classmethod
     def of(cls, registry: CollectorRegistry) -> RestMetrics:
-        made = cls._made.get(registry)
-        if made is None:
-            made = cls._made[registry] = cls(registry)
-        return made
+        return metrics_of(registry, cls)
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(

@@ -52,7 +52,7 @@ from loom_db.deliveries import NewDelivery
 from loom_db.errors import SecretKeyMismatch
 from loom_db.executions import NewExecution
 from loom_db.graphs import TriggerRecord
-from loom_runtime import Runtime, health_routes
+from loom_runtime import Runtime, health_routes, metrics_of
 from loom_webhook.deliveries import BodyFormat, body_format, decode_body, is_github_ping
 from loom_webhook.errors import MalformedBody, SignatureRejected, UnsupportedMediaType
 from loom_webhook.hooks import Hook, HookCache
@@ -124,9 +124,6 @@ class _Metrics:
         )
 
 
-_METRICS: dict[int, _Metrics] = {}
-
-
 @dataclass(frozen=True, slots=True)
 class _Known:
     """A hook as read from the database, with its secret's value, until `expires`."""
@@ -149,10 +146,7 @@ class WebhookHandler:
         self.known: dict[tuple[str, str], _Known] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[_Known]] = {}
         self.writer = DeliveryWriter(runtime.database)
-        registry = runtime.registry
-        if id(registry) not in _METRICS:
-            _METRICS[id(registry)] = _Metrics.of(registry)
-        self.metrics = _METRICS[id(registry)]
+        self.metrics = metrics_of(runtime.registry, _Metrics.of)
         self._last_limited: dict[tuple[str, str], float] = {}
 
     async def handle(self, request: Request) -> Response:
