@@ -392,3 +392,130 @@ async def test_postgres_stopped_for_ten_seconds_neither_crashes_the_worker_nor_r
             assert seqs == list(range(1, 7))
         finally:
             await database.dispose()
+
+
+CHILD = """
+name: child
+params: {n: {type: integer}}
+nodes:
+  work:
+    run: |
+      echo "child got ${{ params.n }}"
+      test "${{ params.n }}" != 13
+"""
+
+
+async def test_a_graph_node_runs_its_child_on_a_single_slot_worker(
+    db: Database, broker: Broker
+) -> None:
+    await apply(db, CHILD)
+    await apply(
+        db,
+        """
+name: parent
+nodes:
+  call:
+    graph: child
+    with: {n: 7}
+  after:
+    needs: [call]
+    run: echo "child ${{ nodes.call.outputs.execution_id }} ${{ nodes.call.outputs.status }}"
+""",
+    )
+    async with Running(db, broker, worker_slots=1):
+        parent = await finished(db, await trigger(db, "parent"))
+        async with db.read() as conn:
+            runs = {r.node: r for r in await node_runs.latest_node_runs(conn, parent.id)}
+            child_id = runs["call"].outputs["execution_id"]
+            child = await executions.get_execution(conn, child_id)
+            child_lines = [line.text for line in await logs.read_logs(conn, child_id)]
+
+    assert parent.status == "succeeded"
+    assert runs["call"].outputs == {"execution_id": child_id, "status": "succeeded"}
+    assert (child.status, child.trigger_type, child.params) == ("succeeded", "graph", {"n": 7})
+    assert child.trigger_info == {"parent_execution_id": parent.id, "node": "call"}
+    assert "child got 7" in child_lines
+
+
+async def test_a_graph_node_fails_with_its_child_and_says_why(db: Database, broker: Broker) -> None:
+    await apply(db, CHILD)
+    await apply(
+        db,
+        "name: parent\nnodes:\n  bad: {graph: child, with: {n: 13}}\n"
+        "  missing: {graph: nope}\n  typed: {graph: child, with: {n: seven}}\n",
+    )
+    async with Running(db, broker):
+        parent = await finished(db, await trigger(db, "parent"))
+        async with db.read() as conn:
+            runs = {r.node: r for r in await node_runs.latest_node_runs(conn, parent.id)}
+
+    assert parent.status == "failed"
+    assert runs["bad"].status == "failed" and runs["bad"].outputs["status"] == "failed"
+    assert "no graph named 'nope'" in (runs["missing"].error or "")
+    assert "expected integer" in (runs["typed"].error or "")
+
+
+async def test_cancelling_the_parent_cancels_the_child(db: Database, broker: Broker) -> None:
+    await apply(db, "name: slow-child\nnodes:\n  nap: {run: 'sleep 600'}\n")
+    await apply(db, "name: parent\nnodes:\n  call: {graph: slow-child}\n")
+    async with Running(db, broker):
+        parent_id = await trigger(db, "parent")
+
+        async def child_running() -> str | None:
+            async with db.read() as conn:
+                found, _ = await executions.list_executions(conn, graph="slow-child")
+            return found[0].id if found and found[0].status == "running" else None
+
+        child_id = await until(child_running)
+        async with db.transaction() as conn:
+            await executions.request_cancel(conn, parent_id, "test")
+        db.notify_committed()
+        parent = await finished(db, parent_id)
+        child = await finished(db, child_id)
+
+    assert (parent.status, child.status) == ("cancelled", "cancelled")
+
+
+async def test_a_resumed_graph_node_re_attaches_to_its_running_child(
+    db: Database, broker: Broker
+) -> None:
+    """The worker running `call` died while its child ran: the resumed node (attempt 2)
+    waits for that child instead of starting a second one."""
+    from datetime import UTC, datetime, timedelta
+
+    from loom_db.node_runs import NodeChange
+    from loom_worker.children import child_key
+
+    await apply(db, CHILD)
+    await apply(db, "name: parent\nnodes:\n  call: {graph: child, with: {n: 5}}\n")
+    parent_id = await trigger(db, "parent")
+    now = datetime.now(UTC)
+    async with db.transaction() as conn:
+        await executions.claim(conn, parent_id, "dead-worker", 1)
+        await executions.admit(
+            conn, parent_id, "dead-worker", 1, concurrency=None, on_overlap="queue"
+        )
+        await node_runs.record_nodes(
+            conn, parent_id, [NodeChange("call", "call", None, 1, "running", now)]
+        )
+        stored = await graphs.get_graph(conn, "child")
+        child, _ = await executions.create_execution(
+            conn,
+            graph="child",
+            graph_version=stored.version,
+            params={"n": 5},
+            trigger_type="graph",
+            trigger_info={"parent_execution_id": parent_id, "node": "call"},
+            idempotency_key=child_key(parent_id, "call", 1),
+        )
+        await executions.reap(conn, now=now + timedelta(seconds=5), queued_after_seconds=0)
+    db.notify_committed()
+    async with Running(db, broker):
+        parent = await finished(db, parent_id)
+        async with db.read() as conn:
+            children, _ = await executions.list_executions(conn, graph="child")
+            runs = {r.node: r for r in await node_runs.latest_node_runs(conn, parent_id)}
+
+    assert parent.status == "succeeded"
+    assert [c.id for c in children] == [child.id]  # no second child
+    assert runs["call"].attempt == 2 and runs["call"].outputs["execution_id"] == child.id

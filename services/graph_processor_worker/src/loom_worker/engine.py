@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from loom_common import (
     STATUS_FUNCTIONS,
@@ -61,15 +61,27 @@ from loom_worker.executors import (
     ShellExecutor,
     SqlExecutor,
 )
+from loom_worker.executors.base import LogSink, NodeResult
 from loom_worker.executors.sql import render_sql
 
-__all__ = ["Engine", "Execution", "NodeRecord"]
+__all__ = ["Engine", "Execution", "GraphRunner", "NodeRecord"]
 
 _log = logging.getLogger("loom.engine")
 
 MAX_LINE_BYTES = 16 * 1024
 DEFAULT_MAX_LOG_BYTES = 100 * 1024 * 1024
 _FAILED = frozenset({"failed", "timed_out"})
+
+
+class GraphRunner(Protocol):
+    """What runs a `graph` node: start the child execution of `graph` with `params` (once
+    per node attempt, and found again after a resume) and wait for it without holding a
+    slot. Returns outputs `{execution_id, status}`; raises `NodeFailed` when the child did
+    not succeed."""
+
+    async def run(
+        self, call: NodeCall, graph: str, params: dict[str, Any], *, log: LogSink
+    ) -> NodeResult: ...
 
 
 def _now() -> datetime:
@@ -93,8 +105,11 @@ class Engine:
         workspace: Path | None = None,
         max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
         python_path: tuple[str, ...] = (),
+        graphs: GraphRunner | None = None,
     ) -> None:
         self.slots = slots or os.cpu_count() or 1
+        self.graphs = graphs
+        """Runs `graph` nodes (the worker service gives one: it needs the database)."""
         self._slots = asyncio.Semaphore(self.slots)
         self._owned: list[Any] = []
         self.shell = shell or ShellExecutor()
@@ -673,6 +688,10 @@ class Execution:
             if dsn is None:
                 raise NodeFailed(f"secret '{spec['connection']}' is not available", retryable=False)
             return await engine.sql.query(spec, dsn=dsn, call=call, log=log)
+        if node.kind == "graph" and engine.graphs is not None:
+            given = render_value(node.body, self._context(node, item, index)) if node.body else {}
+            assert node.spec.graph is not None
+            return await engine.graphs.run(call, node.spec.graph, given or {}, log=log)
         raise NodeFailed(
             f"`{node.kind}` nodes run in the worker service (loom serve worker), "
             "which has the database they need; `loom run` cannot run them",

@@ -40,6 +40,7 @@ from loom_db.executions import ExecutionRecord
 from loom_db.models import executions as execution_rows
 from loom_messaging import Delivery
 from loom_runtime import Runtime, metrics_of
+from loom_worker.children import ChildGraphs
 from loom_worker.engine import Engine, Execution
 from loom_worker.events import NODE_TERMINAL, PriorNode
 from loom_worker.settings import WorkerSettings
@@ -192,7 +193,9 @@ class Worker:
         """Consume until `stop`, then shut down as DESIGN §8 says: stop consuming, let
         the running executions finish for `LOOM_SHUTDOWN_GRACE`, hand the others back."""
         engine = self.engine or Engine(
-            slots=self.settings.worker_slots, max_log_bytes=self.settings.max_log_bytes
+            slots=self.settings.worker_slots,
+            max_log_bytes=self.settings.max_log_bytes,
+            graphs=ChildGraphs(self.database),
         )
         self.engine = engine
         try:
