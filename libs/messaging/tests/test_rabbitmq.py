@@ -8,16 +8,12 @@ the shared behaviour against the shared broker (LOOM_TEST_AMQP_URL)."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import aiormq
@@ -33,27 +29,10 @@ from loom_messaging import (
     encode,
     open_broker,
 )
+from loom_messaging import testing as rabbit_node
 from loom_messaging.rabbitmq import RabbitBroker, delete_prefix
 
 TIMEOUT = 60
-
-
-def _load(name: str) -> ModuleType:
-    """Tests use --import-mode=importlib, so a helper beside them is loaded by path."""
-    module_name = f"loom_messaging_tests_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(
-        module_name, Path(__file__).with_name(f"{name}.py")
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-rabbit_node = _load("rabbit_node")
 
 
 def requested(n: int | str) -> tuple[bytes, str]:

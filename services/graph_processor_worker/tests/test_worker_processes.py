@@ -259,3 +259,45 @@ async def test_sigterm_hands_a_long_node_back_and_another_worker_finishes_it(
     async with system.database.read() as conn:
         texts = [line.text for line in await logs.read_logs(conn, execution_id)]
     assert "second" in texts
+
+
+async def test_an_execution_longer_than_the_consumer_timeout_is_not_redelivered(
+    tmp_path: Path,
+) -> None:
+    """RabbitMQ closes the channel of a consumer that holds a message unacked longer than
+    `consumer_timeout` and delivers the message again; the worker acks at claim, so an
+    execution three times longer than the timeout runs once."""
+    from loom_messaging.testing import RabbitNode, rabbitmq_installed
+
+    if not rabbitmq_installed():
+        if require_services():
+            pytest.fail("rabbitmq-server is not installed and LOOM_TEST_REQUIRE_SERVICES=1")
+        pytest.skip("rabbitmq-server is not installed")
+    node = RabbitNode(consumer_timeout_ms=2000)
+    node.start()
+    try:
+        with _database_url() as url:
+            database = create_database(url)
+            await upgrade(database)
+            prefix = f"loomtest-{uuid.uuid4().hex[:10]}"
+            system = System(database, url, node.url, prefix, tmp_path, [])
+            trail = tmp_path / "trail"
+            await system.apply(
+                f"name: slow\nnodes:\n  nap: {{run: 'echo ran >> {trail}; sleep 6'}}\n"
+            )
+            async with open_broker(node.url, prefix=prefix) as broker:
+                async with OutboxRelay(database, broker.publishers()):
+                    system.start_worker("only")
+                    execution_id = await system.trigger("slow")
+                    record = await until(lambda: _finished(system, execution_id))
+                    await asyncio.sleep(3)  # room for a redelivery to show itself
+                    letters = await broker.queue.dead_letters()
+            for proc in system.workers:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+            await database.dispose()
+        assert record.status == "succeeded"
+        assert trail.read_text().split() == ["ran"]
+        assert letters == []
+    finally:
+        node.remove()

@@ -1,11 +1,6 @@
-"""A private RabbitMQ node for fault tests (DESIGN §14, SERVICES.md): its own node name,
-AMQP and distribution ports and data directory, so a test may stop and restart it without
-touching the shared broker on 5672.
-
-Tests run with `--import-mode=importlib`, so this module is not importable by name; load it
-from its path::
-
-    spec = importlib.util.spec_from_file_location("rabbit_node", Path(__file__).with_name("rabbit_node.py"))
+"""For tests of any member: a private RabbitMQ node for fault tests (DESIGN §14,
+SERVICES.md) with its own node name, AMQP and distribution ports and data directory, so a
+test may stop and restart it without touching the shared broker on 5672.
 
 `RabbitNode.start()` / `stop()` / `kill()` may be called again and again: the node keeps
 its name, ports and data (durable queues and persistent messages survive a restart).
