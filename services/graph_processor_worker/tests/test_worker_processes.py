@@ -14,10 +14,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,7 @@ class System:
     prefix: str
     tmp: Path
     workers: list[subprocess.Popen[bytes]]
+    ports: dict[str, int] = field(default_factory=dict)
 
     def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
@@ -70,7 +72,7 @@ class System:
             "LOOM_EVENTS_URL": "memory://",
             "LOOM_BROKER_PREFIX": self.prefix,
             "LOOM_SECRET_KEY": SECRET_KEY,
-            "LOOM_WORKER_PORT": str(free_port()),
+            "LOOM_WORKER_PORT": str(self.ports.setdefault(name, free_port())),
             "LOOM_WORKER_ID": name,
             "LOOM_WORKER_SLOTS": "4",
             "LOOM_LEASE_SECONDS": str(LEASE),
@@ -171,6 +173,9 @@ async def test_two_workers_run_fifty_executions_each_exactly_once(system: System
     await until(all_done)
     records = [await system.record(i) for i in ids]
     assert {r.status for r in records} == {"succeeded"}
+    metrics = "".join(_get(system.ports[name], "/metrics") for name in ("w1", "w2"))
+    assert "loom_worker_executions_total" in metrics
+    assert _get(system.ports["w1"], "/readyz").startswith('{"status":"ok"')
     for i in range(5):
         lines = (counters / f"n{i}").read_text().split()
         assert sorted(lines) == sorted(ids), f"node n{i} did not run once per execution"
@@ -226,6 +231,12 @@ async def test_a_worker_killed_mid_chain_is_replaced_and_nothing_runs_twice(
         assert ran.count(node) == 1, f"{node} succeeded before the kill but ran again"
     assert succeeded_before  # the kill really came in the middle
     assert ran.count("s9") == 1
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+        body: bytes = answer.read()
+        return body.decode()
 
 
 async def _finished(system: System, execution_id: str) -> executions.ExecutionRecord | None:
@@ -301,3 +312,20 @@ async def test_an_execution_longer_than_the_consumer_timeout_is_not_redelivered(
         assert letters == []
     finally:
         node.remove()
+
+
+def test_without_a_secret_key_the_worker_exits_2_saying_so(tmp_path: Path) -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
+    environment["LOOM_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path}/loom.db"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "loom_worker"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 2
+    assert "LOOM_SECRET_KEY" in done.stderr
