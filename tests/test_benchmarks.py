@@ -79,3 +79,16 @@ def test_rest_benchmark_quick_prints_brest_for_get_and_post() -> None:
         assert figure["value"] > 0 and figure["baseline"] > 0 and figure["ratio"] > 0
         assert figure["p99_ms"] > 0 and figure["baseline_p99_ms"] > 0
         assert figure["quick"] is True
+
+
+def test_timers_benchmark_quick_prints_b6_delay_idle_cpu_and_replicas() -> None:
+    needs_postgres("B6")
+    figures = figures_of("timers.py")
+    assert [f["benchmark"] for f in figures] == ["B6", "B6", "B6"]
+    delay, idle, replicas = figures
+    for figure in figures:
+        assert FIELDS <= set(figure) and figure["quick"] is True and figure["n"] > 0
+    assert delay["unit"] == "ms" and delay["value"] == delay["p99"] >= delay["p50"] > 0
+    assert delay["baseline"] > 0 and delay["ratio"] > 0
+    assert idle["value"] > 0 and idle["baseline"] > 0
+    assert replicas["value"] == 0  # no tick missed, none fired twice

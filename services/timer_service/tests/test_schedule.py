@@ -56,13 +56,20 @@ def test_public_api_is_pinned() -> None:
         "FireResult",
         "Schedule",
         "ScheduleTrigger",
+        "SyncReport",
         "TimerKind",
+        "TimerMetrics",
+        "TimerService",
+        "TimerSettings",
         "TimerSpec",
+        "create_app",
         "delay_anchor",
         "due_ticks",
         "fire_due",
         "last_tick",
         "lateness",
+        "load_timer_settings",
+        "reap_lost",
     }
 
 

@@ -1,0 +1,3 @@
+from loom_timer.serve import main
+
+main()
