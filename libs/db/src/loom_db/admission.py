@@ -213,6 +213,10 @@ async def admit(
     if execution.status == "running":
         await conn.execute(this.values(lease_expires_at=lease))
         return "running"
+    if concurrency is None:  # no limit: who else runs or waits does not matter
+        await conn.execute(this.values(status="running", started_at=now, lease_expires_at=lease))
+        await _request_oldest_waiting(conn, execution.graph, now)
+        return "running"
 
     running = (
         (

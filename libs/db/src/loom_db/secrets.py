@@ -22,6 +22,7 @@ from loom_db.types import utcnow
 
 __all__ = [
     "SECRET_NAME_PATTERN",
+    "all_secrets",
     "delete_secret",
     "get_secret",
     "get_secrets",
@@ -88,6 +89,13 @@ async def get_secrets(conn: AsyncConnection, keys: Keys, names: Iterable[str]) -
     rows = await conn.execute(
         select(_secrets.c.name, _secrets.c.value).where(_secrets.c.name.in_(wanted))
     )
+    return {row.name: _decrypt(keys, row.name, row.value) for row in rows}
+
+
+async def all_secrets(conn: AsyncConnection, keys: Keys) -> dict[str, str]:
+    """Every secret's value, by name (what a worker masks in an execution's logs). Raises
+    `SecretKeyMismatch` when the configured keys cannot decrypt one."""
+    rows = await conn.execute(select(_secrets.c.name, _secrets.c.value))
     return {row.name: _decrypt(keys, row.name, row.value) for row in rows}
 
 

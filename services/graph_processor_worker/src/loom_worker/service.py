@@ -333,11 +333,17 @@ class Worker:
 
     async def _inputs(self, conn: Any, record: ExecutionRecord) -> dict[str, Any]:
         """Prior node states (a resumed execution's own; a retry's origin's succeeded
-        ones), the last stored log seq, and the secrets."""
-        prior: dict[str, PriorNode] = {
-            node: PriorNode(state.status, state.outputs, state.attempt)  # type: ignore[arg-type]
-            for node, state in (await node_runs.prior_states(conn, record.id)).items()
-        }
+        ones), the last stored log seq, and the secrets. `record` is the execution as the
+        claim found it: one that was `queued` or `waiting` never ran, so it has neither
+        node runs nor log lines to read."""
+        prior: dict[str, PriorNode] = {}
+        after_seq = 0
+        if record.status == "running":
+            prior = {
+                node: PriorNode(state.status, state.outputs, state.attempt)  # type: ignore[arg-type]
+                for node, state in (await node_runs.prior_states(conn, record.id)).items()
+            }
+            after_seq = await logs.last_seq(conn, record.id)
         if record.trigger_type == "retry" and record.origin_id is not None and not prior:
             origin = await node_runs.prior_states(conn, record.origin_id)
             prior = {
@@ -345,13 +351,8 @@ class Worker:
                 for node, state in origin.items()
                 if state.status == "succeeded"
             }
-        names = await stored_secrets.list_secret_names(conn)
-        secrets = await stored_secrets.get_secrets(conn, self.keys, names) if names else {}
-        return {
-            "prior": prior,
-            "after_seq": await logs.last_seq(conn, record.id),
-            "secrets": secrets,
-        }
+        secrets = await stored_secrets.all_secrets(conn, self.keys)
+        return {"prior": prior, "after_seq": after_seq, "secrets": secrets}
 
     def _start(self, record: ExecutionRecord, graph: Graph, inputs: dict[str, Any]) -> None:
         assert self.engine is not None
