@@ -244,3 +244,18 @@ async def test_a_late_tick_is_logged_as_a_warning(
     (line,) = caplog.records
     assert "tick/clock" in line.getMessage() and "2026-11-23T10:01:00Z" in line.getMessage()
     assert "by 5.000s" in line.getMessage()
+
+
+async def test_a_new_trigger_does_not_fire_ticks_from_before_its_graph_existed(
+    db: Database,
+) -> None:
+    """`every: 1s` with the default 60 s misfire grace, first woken 3.5 s after the graph
+    was applied: the ticks since then, not the minute before."""
+    trigger = await add_graph(db, "every: 1s")
+    async with db.read() as conn:
+        created = (await graphs.get_graph(conn, "tick")).created_at
+
+    fired = await fire_due(db, trigger, created + timedelta(seconds=3.5))
+
+    assert 3 <= len(fired) <= 4
+    assert all(result.tick > created for result in fired)

@@ -29,6 +29,7 @@ from loom_common import ParamSpec, format_instant, resolve_params
 from loom_db import Database, NotFound, executions, graphs
 from loom_db.executions import ExecutionRecord
 from loom_db.graphs import TriggerRecord
+from loom_db.models import graph_versions
 from loom_db.models import graphs as graph_rows
 from loom_timer.schedule import (
     DEFAULT_LIMIT,
@@ -83,9 +84,15 @@ async def fire_due(
     async with database.read() as conn:
         previous = await last_tick(conn, trigger.graph, trigger.id)
         anchor = await _delay_anchor(conn, trigger, previous) if trigger.kind == "delay" else None
+        since = previous
+        if since is None and trigger.kind != "delay":
+            # Never fired: nothing from before its graph version existed was missed
+            # (else a new `every: 1s` would fire a whole `misfire_grace` of ticks at once).
+            created = await _version_created(conn, trigger)
+            since = created if created is not None and created <= now else None
     schedule = Schedule.from_spec(trigger.spec, delay_anchor=anchor)
     fired: list[FireResult] = []
-    for tick in due_ticks(schedule, previous, now, limit=limit):
+    for tick in due_ticks(schedule, since, now, limit=limit):
         async with database.transaction() as conn:
             params = await _params_if_active(conn, trigger)
             if params is None:
@@ -104,6 +111,18 @@ async def fire_due(
         fired.append(FireResult(tick, record, created, lateness(tick, now)))
     _warn_if_late(trigger, [result for result in fired if result.created])
     return fired
+
+
+async def _version_created(conn: AsyncConnection, trigger: TriggerRecord) -> datetime | None:
+    created: datetime | None = (
+        await conn.execute(
+            select(graph_versions.c.created_at).where(
+                graph_versions.c.graph == trigger.graph,
+                graph_versions.c.version == trigger.graph_version,
+            )
+        )
+    ).scalar()
+    return created
 
 
 async def _params_if_active(conn: AsyncConnection, trigger: TriggerRecord) -> dict[str, Any] | None:
