@@ -92,3 +92,29 @@ def test_timers_benchmark_quick_prints_b6_delay_idle_cpu_and_replicas() -> None:
     assert delay["baseline"] > 0 and delay["ratio"] > 0
     assert idle["value"] > 0 and idle["baseline"] > 0
     assert replicas["value"] == 0  # no tick missed, none fired twice
+
+
+def test_webhooks_benchmark_quick_prints_b4() -> None:
+    needs_postgres("B4")
+    (figure,) = figures_of("webhooks.py")
+    assert figure["benchmark"] == "B4" and FIELDS <= set(figure)
+    assert figure["value"] > 0 and figure["baseline"] > 0 and figure["ratio"] > 0
+    assert figure["p99"] >= figure["p50"] > 0
+    assert figure["stored"] >= figure["n"]  # every 202 was one stored execution
+    assert figure["service_cpu_ms_per_delivery"] > 0 and figure["quick"] is True
+
+
+def test_latency_benchmark_quick_prints_b3_and_b1d() -> None:
+    needs_postgres("B3")
+    if not os.environ.get("LOOM_TEST_AMQP_URL"):
+        if os.environ.get("LOOM_TEST_REQUIRE_SERVICES") == "1":
+            pytest.fail("LOOM_TEST_AMQP_URL is not set and LOOM_TEST_REQUIRE_SERVICES=1")
+        pytest.skip("LOOM_TEST_AMQP_URL is not set: B3 needs RabbitMQ")
+    figures = figures_of("latency.py")
+    assert [f["benchmark"] for f in figures] == ["B3", "B1d"]
+    b3, b1d = figures
+    for figure in figures:
+        assert FIELDS <= set(figure) and figure["quick"] is True
+    assert b3["unit"] == "ms" and b3["p99"] >= b3["p50"] == b3["value"] > 0
+    assert b3["baseline"] > 0
+    assert b1d["unit"] == "ms/node" and b1d["value"] > 0 and b1d["n"] == 40
