@@ -225,20 +225,20 @@ class NewExecution:
 
 async def create_executions(
     conn: AsyncConnection, new: Sequence[NewExecution]
-) -> list[tuple[str, bool]]:
+) -> list[tuple[ExecutionRecord, bool]]:
     """`create_execution` for many at once, in the caller's transaction, with a fixed
     number of statements whatever their count (a multi-row insert of the executions, one
     of their outbox rows, one NOTIFY; one select more when a key was already stored).
-    For a service answering many concurrent requests with one commit (group commit).
+    For a service storing many concurrent requests or ticks with one commit.
 
-    Returns `(execution id, created)` for each, in order. A key already stored gives the
-    stored execution's id with `created=False`; a key repeated within `new` is created
-    once, its later copies get the same id with `created=False`. Raises `ValueError`
+    Returns `(execution, created)` for each, in order. A key already stored gives the
+    stored execution with `created=False`; a key repeated within `new` is created once,
+    its later copies get the same execution with `created=False`. Raises `ValueError`
     as `create_execution` does, before writing anything.
     """
     now = utcnow()
     rows: list[dict[str, Any]] = []
-    answers: list[tuple[str, bool]] = []
+    answers: list[tuple[ExecutionRecord | None, bool]] = []
     first_of_key: dict[str, int] = {}
     repeats: list[tuple[int, int]] = []  # (index, index of the first with its key)
     for index, item in enumerate(new):
@@ -250,25 +250,23 @@ async def create_executions(
                 raise ValueError(f"an idempotency key has 1 to {MAX_KEY_LENGTH} characters")
             if key in first_of_key:
                 repeats.append((index, first_of_key[key]))
-                answers.append(("", False))
+                answers.append((None, False))
                 continue
             first_of_key[key] = index
-        execution_id = str(uuid.uuid4())
-        answers.append((execution_id, True))
-        rows.append(
-            {
-                "id": execution_id,
-                "graph": item.graph,
-                "graph_version": item.graph_version,
-                "status": "queued",
-                "params": item.params,
-                "trigger_type": item.trigger_type,
-                "trigger_info": item.trigger_info,
-                "idempotency_key": key,
-                "cancel_requested": False,
-                "created_at": now,
-            }
-        )
+        row = {
+            "id": str(uuid.uuid4()),
+            "graph": item.graph,
+            "graph_version": item.graph_version,
+            "status": "queued",
+            "params": item.params,
+            "trigger_type": item.trigger_type,
+            "trigger_info": item.trigger_info,
+            "idempotency_key": key,
+            "cancel_requested": False,
+            "created_at": now,
+        }
+        answers.append((_new_record(row), True))
+        rows.append(row)
     if rows:
         if conn.dialect.name == "postgresql":
             inserted = await _insert_with_requests_postgres(conn, rows)
@@ -296,16 +294,21 @@ async def create_executions(
         }
         if conflicted:
             found = await conn.execute(
-                select(_c.idempotency_key, _c.id).where(_c.idempotency_key.in_(list(conflicted)))
+                select(*_COLUMNS).where(_c.idempotency_key.in_(list(conflicted)))
             )
-            stored = {row.idempotency_key: row.id for row in found}
+            stored = {row.idempotency_key: _record(row) for row in found}
             for key, index in conflicted.items():
                 if key not in stored:
                     raise Conflict(f"execution with key {key!r} vanished; try again")
                 answers[index] = (stored[key], False)
     for index, first in repeats:
         answers[index] = (answers[first][0], False)
-    return answers
+    return [(record, created) for record, created in answers if record is not None]
+
+
+def _new_record(row: dict[str, Any]) -> ExecutionRecord:
+    values: dict[str, Any] = {f.name: row.get(f.name) for f in fields(ExecutionRecord)}
+    return ExecutionRecord(**values)  # the columns not in `row` are None
 
 
 _INSERT_WITH_REQUESTS = """

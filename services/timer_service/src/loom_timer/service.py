@@ -72,7 +72,7 @@ from loom_db.models import triggers as trigger_rows
 from loom_messaging import MessagingError
 from loom_runtime import Runtime
 from loom_timer.aps import JOB_OPTIONS, ScheduleTrigger
-from loom_timer.firing import FireResult, _delay_anchor, fire_due, last_tick
+from loom_timer.firing import FireResult, TickWriter, _delay_anchor, fire_due, last_tick
 from loom_timer.reaper import reap_lost
 from loom_timer.schedule import DEFAULT_LIMIT, Schedule
 from loom_timer.settings import TimerSettings
@@ -213,6 +213,7 @@ class TimerService:
         # turning lateness into failures; the rest of the pool stays free for the relay,
         # the resync and the health checks.
         self._fire_slots = asyncio.Semaphore(max(1, settings.database_pool_size - 1))
+        self._writer = TickWriter(self._database)
         self._tasks: list[asyncio.Task[None]] = []
         # APScheduler logs every job added and every run at INFO: 10,000 lines at start
         # and one per tick. Ours are the lines that matter; an explicit level stays.
@@ -506,7 +507,9 @@ class TimerService:
                         return
             while True:
                 async with self._fire_slots:
-                    results = await fire_due(self._database, trigger, datetime.now(UTC))
+                    results = await fire_due(
+                        self._database, trigger, datetime.now(UTC), writer=self._writer
+                    )
                 self._observe(results)
                 if len(results) < DEFAULT_LIMIT:
                     break

@@ -143,7 +143,8 @@ class DeliveryWriter:
             answers = await executions.create_executions(
                 conn, [item.execution for _, item in ready]
             )
-            for (index, item), (execution_id, created) in zip(ready, answers, strict=True):
+            for (index, item), (record, created) in zip(ready, answers, strict=True):
+                execution_id = record.id
                 outcomes[index] = Accepted(execution_id, created)
                 logs.append(
                     NewDelivery(
