@@ -259,3 +259,19 @@ async def test_a_new_trigger_does_not_fire_ticks_from_before_its_graph_existed(
 
     assert 3 <= len(fired) <= 4
     assert all(result.tick > created for result in fired)
+
+
+async def test_a_remembered_last_tick_skips_the_read_and_never_fires_twice(
+    db: Database,
+) -> None:
+    """Replica A remembers its last tick; replica B fired the next one meanwhile: A's
+    wake-up finds it by its key and creates nothing."""
+    trigger = await add_graph(db, "every: 1m, misfire_grace: 10s")
+    (first,) = await fire_due(db, trigger, T0 + MINUTE + SECOND)
+    (by_b,) = await fire_due(db, trigger, T0 + 2 * MINUTE + SECOND)
+
+    (by_a,) = await fire_due(db, trigger, T0 + 2 * MINUTE + 2 * SECOND, known_last=first.tick)
+
+    assert by_b.created and not by_a.created and by_a.execution == by_b.execution
+    assert await fired_times(db) == sorted(set(await fired_times(db)))
+    assert len(await fired_times(db)) == 2

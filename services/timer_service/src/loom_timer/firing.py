@@ -76,12 +76,15 @@ async def fire_due(
     *,
     limit: int = DEFAULT_LIMIT,
     writer: TickWriter | None = None,
+    known_last: datetime | None = None,
 ) -> list[FireResult]:
     """Create the executions of `trigger`'s ticks due at `now` (at most `limit`, oldest
     first: when the list is full, more may be due -- call again) and return them, in
     order. Fires nothing once the graph is paused, deleted or no longer holds the
     trigger. `writer` is the process's `TickWriter` (a service shares one, so that
     triggers waking together are written together); without one, a writer of its own.
+    `known_last` is a tick known to be fired already (the caller's memory of its last
+    call): the stored last tick is then not read, unless the trigger is a `delay` one.
 
     The execution: trigger type `timer`, `trigger_info` `{"fire_time", "trigger_id"}`,
     the graph's default params, the trigger's graph version. A tick fired later than
@@ -91,6 +94,24 @@ async def fire_due(
     `loom_common.ParamError` when the graph has a required param without a default,
     `DatabaseUnavailable` for a lost database.
     """
+    since: datetime | None
+    if known_last is not None and trigger.kind != "delay":
+        schedule, since = Schedule.from_spec(trigger.spec), known_last
+    else:
+        schedule, since = await _schedule_and_last(database, trigger, now)
+    ticks = due_ticks(schedule, since, now, limit=limit)
+    if not ticks:
+        return []
+    fired = await (writer or TickWriter(database)).fire(trigger, ticks, now)
+    _warn_if_late(trigger, [result for result in fired if result.created])
+    return fired
+
+
+async def _schedule_and_last(
+    database: Database, trigger: TriggerRecord, now: datetime
+) -> tuple[Schedule, datetime | None]:
+    """The trigger's schedule (with a `delay` trigger's anchor) and what its due ticks
+    count from, read from the database."""
     async with database.read() as conn:
         previous = await last_tick(conn, trigger.graph, trigger.id)
         anchor = await _delay_anchor(conn, trigger, previous) if trigger.kind == "delay" else None
@@ -100,13 +121,7 @@ async def fire_due(
             # (else a new `every: 1s` would fire a whole `misfire_grace` of ticks at once).
             created = await _version_created(conn, trigger)
             since = created if created is not None and created <= now else None
-    schedule = Schedule.from_spec(trigger.spec, delay_anchor=anchor)
-    ticks = due_ticks(schedule, since, now, limit=limit)
-    if not ticks:
-        return []
-    fired = await (writer or TickWriter(database)).fire(trigger, ticks, now)
-    _warn_if_late(trigger, [result for result in fired if result.created])
-    return fired
+    return Schedule.from_spec(trigger.spec, delay_anchor=anchor), since
 
 
 @dataclass(slots=True)

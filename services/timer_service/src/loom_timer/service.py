@@ -184,6 +184,10 @@ class _Entry:
     """`delay` only: the end of the previous run, or what the first run counts from;
     None while the previous run has not ended (no job meanwhile)."""
     job: Job | None = None
+    last_fired: datetime | None = None
+    """The newest tick this replica fired or found fired: where the next wake-up counts
+    from without reading the executions table (a tick another replica fired meanwhile is
+    found by its unique key, not fired twice)."""
 
 
 class TimerService:
@@ -508,8 +512,14 @@ class TimerService:
             while True:
                 async with self._fire_slots:
                     results = await fire_due(
-                        self._database, trigger, datetime.now(UTC), writer=self._writer
+                        self._database,
+                        trigger,
+                        datetime.now(UTC),
+                        writer=self._writer,
+                        known_last=entry.last_fired,
                     )
+                if results:
+                    entry.last_fired = max(entry.last_fired or results[-1].tick, results[-1].tick)
                 self._observe(results)
                 if len(results) < DEFAULT_LIMIT:
                     break
