@@ -8,12 +8,14 @@ This lib sits above the others: it may import `loom_common`, `loom_db`,
 `loom_messaging` and `loom_auth`; no other lib imports it, and it imports no service.
 """
 
+from loom_runtime.group import GroupCommit
 from loom_runtime.health import check_database, health_routes, readiness
 from loom_runtime.metrics import metrics_of
 from loom_runtime.runtime import Runtime, open_runtime
 from loom_runtime.serve import hypercorn_config, run_service, serve_app, stop_on_signals
 
 __all__ = [
+    "GroupCommit",
     "Runtime",
     "check_database",
     "health_routes",

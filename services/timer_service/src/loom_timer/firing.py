@@ -20,7 +20,6 @@ execution after the pause that should have stopped it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +34,7 @@ from loom_db.executions import ExecutionRecord
 from loom_db.graphs import TriggerRecord
 from loom_db.models import graph_versions
 from loom_db.models import graphs as graph_rows
+from loom_runtime import GroupCommit
 from loom_timer.schedule import (
     DEFAULT_LIMIT,
     DRIFT_WARNING,
@@ -129,58 +129,26 @@ class _Job:
     trigger: TriggerRecord
     ticks: list[datetime]
     now: datetime
-    future: asyncio.Future[list[FireResult]]
 
 
 class TickWriter:
-    """Group commit of ticks: the ticks submitted while one transaction commits are
-    written in the next, with one lock statement for their graphs and one multi-row
-    insert (`executions.create_executions`). A trigger whose graph is paused, gone, or
-    no longer holds it fires nothing; one whose graph has a required param without a
-    default raises `ParamError` to its caller only."""
+    """Group commit of ticks (`loom_runtime.GroupCommit`): the ticks submitted while one
+    transaction commits are written in the next, with one lock statement for their
+    graphs and one multi-row insert (`executions.create_executions`). A trigger whose
+    graph is paused, gone, or no longer holds it fires nothing; one whose graph has a
+    required param without a default raises `ParamError` to its caller only."""
 
     def __init__(self, database: Database, *, max_batch: int = 1000) -> None:
         self._database = database
-        self._max_batch = max_batch
-        self._pending: list[_Job] = []
-        self._drainer: asyncio.Task[None] | None = None
+        self._group: GroupCommit[_Job, list[FireResult]] = GroupCommit(
+            self._commit, max_weight=max_batch, weight=lambda job: len(job.ticks)
+        )
         self._params: dict[tuple[str, int], dict[str, Any] | ParamError] = {}
 
     async def fire(
         self, trigger: TriggerRecord, ticks: list[datetime], now: datetime
     ) -> list[FireResult]:
-        job = _Job(trigger, ticks, now, asyncio.get_running_loop().create_future())
-        self._pending.append(job)
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.create_task(self._drain())
-        return await job.future
-
-    async def _drain(self) -> None:
-        while self._pending:
-            batch: list[_Job] = []
-            count = 0
-            while self._pending and (
-                not batch or count + len(self._pending[0].ticks) <= self._max_batch
-            ):
-                job = self._pending.pop(0)
-                batch.append(job)
-                count += len(job.ticks)
-            try:
-                results = await self._commit(batch)
-            except BaseException as exc:
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for job, result in zip(batch, results, strict=True):
-                if job.future.done():
-                    continue
-                if isinstance(result, Exception):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+        return await self._group.submit(_Job(trigger, ticks, now))
 
     async def _commit(self, batch: list[_Job]) -> list[list[FireResult] | Exception]:
         outcomes: list[list[FireResult] | Exception] = [[] for _ in batch]

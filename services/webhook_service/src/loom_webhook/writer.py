@@ -16,10 +16,9 @@ deleted: 404) or `STALE` (a new version: read the hook again).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from sqlalchemy import select
@@ -28,6 +27,7 @@ from loom_db import Database, deliveries, executions
 from loom_db.deliveries import DELIVERIES_KEPT, NewDelivery
 from loom_db.executions import NewExecution
 from loom_db.models import graphs as graph_rows
+from loom_runtime import GroupCommit
 
 __all__ = ["GONE", "STALE", "Accepted", "Creation", "DeliveryWriter"]
 
@@ -60,64 +60,30 @@ class Accepted:
 Outcome = Accepted | Literal["gone", "stale"] | None
 
 
-@dataclass(slots=True)
-class _Job:
-    item: Creation | NewDelivery
-    future: asyncio.Future[Outcome] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
 class DeliveryWriter:
     """Stores `Creation`s and log-only `NewDelivery`s in shared transactions."""
 
     def __init__(self, database: Database, *, max_batch: int = MAX_BATCH) -> None:
         self._database = database
-        self._max_batch = max_batch
-        self._pending: list[_Job] = []
-        self._drainer: asyncio.Task[None] | None = None
+        self._group: GroupCommit[Creation | NewDelivery, Outcome] = GroupCommit(
+            self._commit, max_weight=max_batch
+        )
         self._since_trim: Counter[tuple[str, str]] = Counter()
 
     async def create(self, creation: Creation) -> Accepted | Literal["gone", "stale"]:
         """Store the execution and its log line: `Accepted(id, created)` (`created`
         False for a delivery id stored before), or `GONE` / `STALE`. Raises what the
         database raises (`DatabaseUnavailable`, ...): nothing of the batch was stored."""
-        outcome = await self._submit(creation)
+        outcome = await self._group.submit(creation)
         assert outcome is not None
         return outcome
 
     async def log(self, delivery: NewDelivery) -> None:
         """Store a log line of an outcome without an execution (401, skipped, ...)."""
-        await self._submit(delivery)
+        await self._group.submit(delivery)
 
-    async def _submit(self, item: Creation | NewDelivery) -> Outcome:
-        job = _Job(item)
-        self._pending.append(job)
-        if self._drainer is None or self._drainer.done():
-            # A task of its own, so a delivery whose client went away (its handler is
-            # cancelled) does not take the others' commit with it.
-            self._drainer = asyncio.create_task(self._drain())
-        return await job.future
-
-    async def _drain(self) -> None:
-        while self._pending:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            try:
-                outcomes = await self._commit([job.item for job in batch])
-            except BaseException as exc:
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for job, outcome in zip(batch, outcomes, strict=True):
-                if not job.future.done():
-                    job.future.set_result(outcome)
-
-    async def _commit(self, items: list[Creation | NewDelivery]) -> list[Outcome]:
-        outcomes: list[Outcome] = [None] * len(items)
+    async def _commit(self, items: list[Creation | NewDelivery]) -> list[Outcome | Exception]:
+        outcomes: list[Outcome | Exception] = [None] * len(items)
         logs: list[NewDelivery] = []
         creations = [(i, item) for i, item in enumerate(items) if isinstance(item, Creation)]
         async with self._database.transaction() as conn:
