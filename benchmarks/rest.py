@@ -406,8 +406,12 @@ def run(base: URL, *, quick: bool, concurrency: int, seconds: float, repeat: int
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+def load_main(doc: str | None, name: str, run_load: Callable[..., None]) -> None:
+    """The command line of a load benchmark against a hello-world baseline (this one and
+    `webhooks.py`): parse it, serve the baseline when asked (`--serve-hello PORT`), else
+    call `run_load(base, quick=, concurrency=, seconds=, repeat=)`; a failure exits 1
+    with one line naming the benchmark."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run, for CI")
     parser.add_argument("--repeat", type=int, default=None, help="runs per side (best of)")
     parser.add_argument("--concurrency", type=int, default=16, help="connections (16)")
@@ -433,10 +437,16 @@ def main() -> None:
     repeat = args.repeat or (2 if args.quick else 3)
     seconds = args.seconds or (2.0 if args.quick else 10.0)
     try:
-        run(base, quick=args.quick, concurrency=args.concurrency, seconds=seconds, repeat=repeat)
+        run_load(
+            base, quick=args.quick, concurrency=args.concurrency, seconds=seconds, repeat=repeat
+        )
     except (BenchError, LoadError) as exc:
-        print(f"Brest failed: {exc}", file=sys.stderr)
+        print(f"{name} failed: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def main() -> None:
+    load_main(__doc__, "Brest", run)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ fails the run, and at the end every accepted delivery must be one stored executi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import hmac
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import orjson
 import psycopg
-from _httpload import LoadError, LoadResult, request
+from _httpload import LoadResult, request
 from rest import (
     HELLO_TARGET,
     HOST,
@@ -47,8 +46,8 @@ from rest import (
     cpu_seconds,
     emit,
     free_port,
+    load_main,
     measure,
-    serve_hello,
     server,
 )
 from sqlalchemy.engine import URL, make_url
@@ -307,34 +306,7 @@ def run(base: URL, *, quick: bool, concurrency: int, seconds: float, repeat: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smaller run, for CI")
-    parser.add_argument("--repeat", type=int, default=None, help="runs per side (best of)")
-    parser.add_argument("--concurrency", type=int, default=16, help="connections (16)")
-    parser.add_argument("--seconds", type=float, default=None, help="seconds per run")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("LOOM_TEST_POSTGRES_URL"),
-        help="a postgresql+psycopg:// URL to create a scratch database on "
-        "(default: LOOM_TEST_POSTGRES_URL)",
-    )
-    parser.add_argument("--serve-hello", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.serve_hello is not None:
-        serve_hello(args.serve_hello)
-        return
-    if not args.database_url:
-        parser.error("needs PostgreSQL: --database-url or LOOM_TEST_POSTGRES_URL")
-    if args.concurrency < 1 or (args.repeat is not None and args.repeat < 1):
-        parser.error("--concurrency and --repeat must be at least 1")
-    base = make_url(args.database_url).set(drivername="postgresql+psycopg")
-    repeat = args.repeat or (2 if args.quick else 3)
-    seconds = args.seconds or (2.0 if args.quick else 10.0)
-    try:
-        run(base, quick=args.quick, concurrency=args.concurrency, seconds=seconds, repeat=repeat)
-    except (BenchError, LoadError) as exc:
-        print(f"B4 failed: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    load_main(__doc__, "B4", run)
 
 
 if __name__ == "__main__":
