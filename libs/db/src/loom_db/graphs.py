@@ -14,7 +14,7 @@ SQLite has a single writer).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -44,6 +44,7 @@ __all__ = [
     "list_graphs",
     "list_triggers",
     "list_versions",
+    "lock_states",
     "set_enabled",
     "spec_hash",
 ]
@@ -293,6 +294,23 @@ async def list_triggers(
     elif kind is not None:
         query = query.where(triggers.c.kind.in_(list(kind)))
     return [_trigger_record(row) for row in (await conn.execute(query)).all()]
+
+
+async def lock_states(conn: AsyncConnection, names: Iterable[str]) -> dict[str, tuple[int, bool]]:
+    """`{graph: (current version, enabled)}` of those of `names` that exist, their rows
+    locked shared (in name order, so concurrent callers cannot deadlock) for the rest of
+    the caller's transaction: a pause or delete commits before it or after it. What a
+    service storing many executions at once checks first."""
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    rows = await conn.execute(
+        select(graphs.c.name, graphs.c.version, graphs.c.enabled)
+        .where(graphs.c.name.in_(wanted))
+        .order_by(graphs.c.name)
+        .with_for_update(read=True)  # SQLite: its writers are serialized anyway
+    )
+    return {row.name: (row.version, row.enabled) for row in rows}
 
 
 async def find_webhook(conn: AsyncConnection, graph: str, hook_name: str) -> TriggerRecord | None:

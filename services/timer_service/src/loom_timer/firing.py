@@ -33,7 +33,6 @@ from loom_db import Database, NotFound, executions, graphs
 from loom_db.executions import ExecutionRecord
 from loom_db.graphs import TriggerRecord
 from loom_db.models import graph_versions
-from loom_db.models import graphs as graph_rows
 from loom_runtime import GroupCommit
 from loom_timer.schedule import (
     DEFAULT_LIMIT,
@@ -44,7 +43,7 @@ from loom_timer.schedule import (
     lateness,
 )
 
-__all__ = ["FireResult", "TickWriter", "fire_due", "last_tick"]
+__all__ = ["FireResult", "TickWriter", "fire_due", "last_tick", "read_delay_anchor"]
 
 _log = logging.getLogger("loom.timer")
 
@@ -114,7 +113,9 @@ async def _schedule_and_last(
     count from, read from the database."""
     async with database.read() as conn:
         previous = await last_tick(conn, trigger.graph, trigger.id)
-        anchor = await _delay_anchor(conn, trigger, previous) if trigger.kind == "delay" else None
+        anchor = (
+            await read_delay_anchor(conn, trigger, previous) if trigger.kind == "delay" else None
+        )
         since = previous
         if since is None and trigger.kind != "delay":
             # Never fired: nothing from before its graph version existed was missed
@@ -154,14 +155,7 @@ class TickWriter:
         outcomes: list[list[FireResult] | Exception] = [[] for _ in batch]
         created_any = False
         async with self._database.transaction() as conn:
-            names = sorted({job.trigger.graph for job in batch})
-            rows = await conn.execute(
-                select(graph_rows.c.name, graph_rows.c.version, graph_rows.c.enabled)
-                .where(graph_rows.c.name.in_(names))
-                .order_by(graph_rows.c.name)  # one lock order for every batch
-                .with_for_update(read=True)  # SQLite: its writers are serialized anyway
-            )
-            states = {row.name: (row.version, row.enabled) for row in rows}
+            states = await graphs.lock_states(conn, (job.trigger.graph for job in batch))
             new: list[executions.NewExecution] = []
             owners: list[tuple[int, datetime]] = []
             for index, job in enumerate(batch):
@@ -241,7 +235,7 @@ async def _version_created(conn: AsyncConnection, trigger: TriggerRecord) -> dat
     return created
 
 
-async def _delay_anchor(
+async def read_delay_anchor(
     conn: AsyncConnection, trigger: TriggerRecord, previous: datetime | None
 ) -> datetime | None:
     """What a `delay` trigger counts from: the end of its last execution, or, if it

@@ -72,7 +72,7 @@ from loom_db.models import triggers as trigger_rows
 from loom_messaging import MessagingError
 from loom_runtime import Runtime
 from loom_timer.aps import JOB_OPTIONS, ScheduleTrigger
-from loom_timer.firing import FireResult, TickWriter, _delay_anchor, fire_due, last_tick
+from loom_timer.firing import FireResult, TickWriter, fire_due, last_tick, read_delay_anchor
 from loom_timer.reaper import reap_lost
 from loom_timer.schedule import DEFAULT_LIMIT, Schedule
 from loom_timer.settings import TimerSettings
@@ -464,7 +464,7 @@ class TimerService:
                 entry = self._entries.get(key)
                 if entry is not None and entry.schedule is not None:
                     previous = await last_tick(conn, *key)
-                    anchors[key] = await _delay_anchor(conn, entry.trigger, previous)
+                    anchors[key] = await read_delay_anchor(conn, entry.trigger, previous)
         for key, anchor in anchors.items():
             entry = self._entries.get(key)
             if entry is None:

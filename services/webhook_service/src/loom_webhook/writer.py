@@ -3,9 +3,9 @@ together in the next, with the same few statements whatever their number.
 
 A webhook delivery's answer waits for its commit (a 202 is never sent for an execution
 that was not stored). One transaction per delivery would spend most of the service's CPU
-on statement overhead; here a drain task takes every pending delivery, writes their
-executions, outbox rows and delivery-log lines with multi-row statements in ONE
-transaction, and resolves each delivery's future. The first delivery after a quiet
+on statement overhead; here (`loom_runtime.GroupCommit`) the pending deliveries' executions,
+outbox rows and delivery-log lines are written with multi-row statements in ONE
+transaction, and each delivery is answered from it. The first delivery after a quiet
 moment is committed at once, alone: batching only happens under load, where it pays.
 
 Each execution is created only if its graph is still enabled at the version the hook was
@@ -16,22 +16,16 @@ deleted: 404) or `STALE` (a new version: read the hook again).
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import select
-
-from loom_db import Database, deliveries, executions
+from loom_db import Database, deliveries, executions, graphs
 from loom_db.deliveries import DELIVERIES_KEPT, NewDelivery
 from loom_db.executions import NewExecution
-from loom_db.models import graphs as graph_rows
 from loom_runtime import GroupCommit
 
 __all__ = ["GONE", "STALE", "Accepted", "Creation", "DeliveryWriter"]
-
-_log = logging.getLogger("loom.webhook")
 
 GONE: Literal["gone"] = "gone"
 STALE: Literal["stale"] = "stale"
@@ -89,14 +83,7 @@ class DeliveryWriter:
         async with self._database.transaction() as conn:
             states: dict[str, tuple[int, bool]] = {}
             if creations:
-                names = sorted({item.execution.graph for _, item in creations})
-                rows = await conn.execute(
-                    select(graph_rows.c.name, graph_rows.c.version, graph_rows.c.enabled)
-                    .where(graph_rows.c.name.in_(names))
-                    .order_by(graph_rows.c.name)  # one lock order for every batch
-                    .with_for_update(read=True)  # SQLite: its writers are serialized anyway
-                )
-                states = {row.name: (row.version, row.enabled) for row in rows}
+                states = await graphs.lock_states(conn, (i.execution.graph for _, i in creations))
             ready: list[tuple[int, Creation]] = []
             for index, item in creations:
                 state = states.get(item.execution.graph)
