@@ -519,3 +519,28 @@ async def test_a_resumed_graph_node_re_attaches_to_its_running_child(
     assert parent.status == "succeeded"
     assert [c.id for c in children] == [child.id]  # no second child
     assert runs["call"].attempt == 2 and runs["call"].outputs["execution_id"] == child.id
+
+
+async def test_a_stored_graph_that_no_longer_validates_fails_its_execution_not_the_worker(
+    db: Database, broker: Broker
+) -> None:
+    from sqlalchemy import update
+
+    from loom_db.models import graph_versions
+
+    await apply(db, HELLO)
+    await apply(db, "name: broken\nnodes:\n  a: {run: 'true'}\n")
+    async with db.transaction() as conn:  # as if written by a Loom with other rules
+        await conn.execute(
+            update(graph_versions)
+            .where(graph_versions.c.graph == "broken")
+            .values(source="name: broken\nnodes:\n  a: {run: 'true', needs: [ghost]}\n")
+        )
+    async with Running(db, broker):
+        broken = await finished(db, await trigger(db, "broken"))
+        healthy = await finished(db, await trigger(db, "hello", {"who": "x"}))
+
+    assert broken.status == "failed"
+    assert broken.error is not None and "its graph version is invalid" in broken.error
+    assert "ghost" in broken.error
+    assert healthy.status == "succeeded", healthy.error  # the worker went on

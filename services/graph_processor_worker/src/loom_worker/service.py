@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import select
 
-from loom_common import Graph, encode_envelope, load_graph
+from loom_common import Graph, SpecError, encode_envelope, load_graph
 from loom_db import (
     DatabaseUnavailable,
     NotFound,
@@ -291,10 +291,13 @@ class Worker:
             self.metrics.queue_lag.observe(max(0.0, time.time() - record.created_at.timestamp()))
             try:
                 graph = await self._graph(conn, record.graph, record.graph_version)
-            except NotFound:
+            except (NotFound, SpecError) as exc:
+                # Gone, or stored by an older Loom and no longer valid: the execution
+                # fails saying why, the worker goes on.
                 decided = "failed"
+                reason = "no longer exists" if isinstance(exc, NotFound) else f"is invalid: {exc}"
                 await executions.finish(
-                    conn, execution_id, "failed", error="its graph version no longer exists"
+                    conn, execution_id, "failed", error=f"its graph version {reason}"
                 )
             if decided is None:
                 spec = graph.spec
