@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from loom_cli.db import db
+from loom_cli.follow import logs
 from loom_cli.local import run_command, schema_command, validate_command
 from loom_cli.remote import REMOTE_COMMANDS
 
@@ -18,6 +19,7 @@ SERVICES = {
     "rest": "loom_rest.serve",
     "timer": "loom_timer.serve",
     "webhook": "loom_webhook.serve",
+    "websocket": "loom_websocket.serve",
     "worker": "loom_worker.serve",
 }
 """`loom serve NAME`: the module whose `main()` runs the service."""
@@ -103,6 +105,7 @@ def serve(service: str) -> None:
 
 
 cli.add_command(db)
+cli.add_command(logs)
 for _command in REMOTE_COMMANDS:
     cli.add_command(_command)
 

@@ -8,6 +8,7 @@ This lib sits above the others: it may import `loom_common`, `loom_db`,
 `loom_messaging` and `loom_auth`; no other lib imports it, and it imports no service.
 """
 
+from loom_runtime.auth import auth_backend
 from loom_runtime.group import GroupCommit
 from loom_runtime.health import check_database, health_routes, readiness
 from loom_runtime.metrics import metrics_of
@@ -17,6 +18,7 @@ from loom_runtime.serve import hypercorn_config, run_service, serve_app, stop_on
 __all__ = [
     "GroupCommit",
     "Runtime",
+    "auth_backend",
     "check_database",
     "health_routes",
     "hypercorn_config",

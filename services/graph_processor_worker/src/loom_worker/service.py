@@ -321,6 +321,7 @@ class Worker:
             self.metrics.executions.labels(decided).inc()
             await self._announce(record, decided)
             return None
+        await self._announce(record, "running")  # for dashboards (`/ws/events`)
         return record, graph, run_inputs
 
     async def _graph(self, conn: Any, name: str, version: int) -> Graph:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -15,8 +14,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from loom_auth import BearerAuthBackend, Principal, Role, parse_role
-from loom_db import Database, NotFound, tokens, users
 from loom_rest.api import endpoint_app
 from loom_rest.metrics import RestMetrics
 from loom_rest.openapi import openapi_document
@@ -24,6 +21,7 @@ from loom_rest.problems import ApiProblem, problem_for
 from loom_rest.routes import ENDPOINTS
 from loom_rest.routes.meta import VERSION
 from loom_rest.runtime import Runtime
+from loom_runtime import auth_backend
 
 __all__ = ["create_app"]
 
@@ -33,20 +31,7 @@ _log = logging.getLogger("loom.rest")
 def create_app(runtime: Runtime) -> Starlette:
     """The API over `runtime`'s database, brokers and registry. Starts nothing: the
     runtime's owner opens and closes the collaborators."""
-    database = runtime.database
-
-    async def lookup_api_token(token_hash: str) -> Principal | None:
-        async with database.transaction() as conn:
-            found = await tokens.find_api_token(conn, token_hash)
-        if found is None:
-            return None
-        token, user = found
-        return Principal(
-            username=user.username, role=parse_role(token.role), kind="api", token_id=token.id
-        )
-
-    roles = _CurrentRoles(database)
-    backend = BearerAuthBackend(runtime.signing_key, lookup_api_token, lookup_role=roles.get)
+    backend = auth_backend(runtime.database, runtime.signing_key)
     metrics = RestMetrics.of(runtime.registry)
     # One Route per path, so that a 405 names every method the path allows (`Allow`).
     by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
@@ -77,33 +62,6 @@ def create_app(runtime: Runtime) -> Starlette:
     app.state.runtime = runtime
     app.state.openapi = openapi_document(ENDPOINTS, VERSION)
     return app
-
-
-class _CurrentRoles:
-    """Users' current roles for access tokens (`None`: deleted or disabled), read from the
-    database and kept for `ttl` seconds: a demotion or a disabled account takes effect
-    within that, not at the token's expiry, for one indexed read per user and second."""
-
-    def __init__(self, database: Database, ttl: float = 1.0) -> None:
-        self._database = database
-        self._ttl = ttl
-        self._known: dict[str, tuple[float, Role | None]] = {}
-
-    async def get(self, username: str) -> Role | None:
-        now = time.monotonic()
-        known = self._known.get(username)
-        if known is not None and now - known[0] < self._ttl:
-            return known[1]
-        async with self._database.read() as conn:
-            try:
-                user = await users.get_user(conn, username)
-            except NotFound:
-                user = None
-        role = None if user is None or user.disabled else parse_role(user.role)
-        if len(self._known) > 10_000:
-            self._known.clear()
-        self._known[username] = (now, role)
-        return role
 
 
 class _ForwardedClient:

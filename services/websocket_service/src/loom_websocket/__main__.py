@@ -1,0 +1,3 @@
+from loom_websocket.serve import main
+
+main()
