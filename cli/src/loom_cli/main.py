@@ -90,6 +90,63 @@ def schema() -> None:
     schema_command()
 
 
+@cli.command("up")
+@click.option("--host", default="127.0.0.1", show_default=True, help="The address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="The API and the webhooks.",
+)
+@click.option(
+    "--ws-port",
+    type=click.IntRange(0, 65535),
+    default=8081,
+    show_default=True,
+    help="The live logs (WebSockets).",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".loom"),
+    show_default=True,
+    help="Where the SQLite database and the generated secret key live.",
+)
+@click.option("--database-url", metavar="URL", help="Default: SQLite in the data directory.")
+@click.option("--queue-url", metavar="URL", help="Default: memory:// (amqp://... or kafka://...).")
+@click.option("--events-url", metavar="URL", help="Default: memory:// (kafka://... or amqp://...).")
+def up(
+    host: str,
+    port: int,
+    ws_port: int,
+    data_dir: Path,
+    database_url: str | None,
+    queue_url: str | None,
+    events_url: str | None,
+) -> None:
+    """Run the whole system in one process: API, webhooks, timers, a worker, live logs.
+
+    The first start creates the data directory, a secret key in it and user `admin`
+    (password from LOOM_ADMIN_PASSWORD, or generated and printed once). Ctrl-C stops.
+
+    Exit status: 0 stopped, 2 bad settings or a service that cannot start.
+    """
+    from loom_cli.up import up_command
+
+    sys.exit(
+        up_command(
+            host=host,
+            port=port,
+            ws_port=ws_port,
+            data_dir=data_dir,
+            database_url=database_url,
+            queue_url=queue_url,
+            events_url=events_url,
+        )
+    )
+
+
 @cli.command("serve")
 @click.argument("service", metavar="SERVICE", type=click.Choice(sorted(SERVICES)))
 def serve(service: str) -> None:
