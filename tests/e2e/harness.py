@@ -298,10 +298,20 @@ def embedded(tmp: Path) -> Iterator[Loom]:
         loom.close()
 
 
-def distributed(tmp: Path, workers: int = 2, timers: int = 2) -> Iterator[Loom]:
-    amqp = service_url("LOOM_TEST_AMQP_URL")
+def distributed(
+    tmp: Path,
+    workers: int = 2,
+    timers: int = 2,
+    *,
+    postgres: str | None = None,
+    amqp: str | None = None,
+    **env_overrides: str,
+) -> Iterator[Loom]:
+    """The system as separate processes. `postgres` / `amqp`: a private server's URL (a
+    fault test stops it) instead of the shared one; `env_overrides`: more LOOM_* values."""
+    amqp = amqp or service_url("LOOM_TEST_AMQP_URL")
     kafka = service_url("LOOM_TEST_KAFKA_URL")
-    base = service_url("LOOM_TEST_POSTGRES_URL")
+    base = postgres or service_url("LOOM_TEST_POSTGRES_URL")
     with scratch_database(base, prefix="loom_e2e") as url:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_")}
         ports = {name: free_port() for name in ("rest", "webhook", "websocket")}
@@ -315,6 +325,7 @@ def distributed(tmp: Path, workers: int = 2, timers: int = 2) -> Iterator[Loom]:
             "LOOM_SHUTDOWN_GRACE": "3",
             "LOOM_LEASE_SECONDS": "6",
             "LOOM_REST_PUBLIC_WS_URL": f"ws://127.0.0.1:{ports['websocket']}",
+            **env_overrides,
         }
         loom = Loom("distributed", tmp, env=env)
         loom.api = f"http://127.0.0.1:{ports['rest']}"

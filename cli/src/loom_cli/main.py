@@ -12,6 +12,7 @@ from loom_cli.db import db
 from loom_cli.follow import logs
 from loom_cli.local import run_command, schema_command, validate_command
 from loom_cli.remote import REMOTE_COMMANDS
+from loom_cli.secrets_cmd import secrets
 
 __all__ = ["cli", "main"]
 
@@ -162,6 +163,7 @@ def serve(service: str) -> None:
 
 
 cli.add_command(db)
+cli.add_command(secrets)
 cli.add_command(logs)
 for _command in REMOTE_COMMANDS:
     cli.add_command(_command)

@@ -461,16 +461,22 @@ def disable(name: str, server: str | None, token: str | None, output: str | None
     default=None,
     help="Trigger at most once per key: the same key again returns the same execution.",
 )
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Then print its lines as `loom logs -f` does and exit with its status (0 succeeded).",
+)
 @_remote_options
 def trigger(
     graph: str,
     params: tuple[str, ...],
     idempotency_key: str | None,
+    follow: bool,
     server: str | None,
     token: str | None,
     output: str | None,
 ) -> None:
-    """Start an execution of GRAPH; prints its id and status."""
+    """Start an execution of GRAPH; prints its id and status (with --follow, then its lines)."""
     with _remote(server, token, output) as remote:
         spec = remote.client.get(f"/graphs/{_q(graph)}").get("spec") or {}
         declared: dict[str, ParamSpec] = {}
@@ -494,9 +500,15 @@ def trigger(
         execution = _json_of(answer)
         if remote.json_output:
             remote.print_json(execution)
-            return
-        again = " (triggered before with this idempotency key)" if answer.status_code == 200 else ""
-        click.echo(f"execution {execution.get('id')} {execution.get('status')}{again}")
+        else:
+            again = (
+                " (triggered before with this idempotency key)" if answer.status_code == 200 else ""
+            )
+            click.echo(f"execution {execution.get('id')} {execution.get('status')}{again}")
+        if follow:
+            from loom_cli.follow import follow_execution  # here: follow imports this module
+
+            sys.exit(follow_execution(remote, str(execution.get("id"))))
 
 
 @click.command("executions", epilog=EXIT_STATUS_HELP)
