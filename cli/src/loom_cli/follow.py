@@ -42,7 +42,14 @@ from loom_cli.client import (
 )
 from loom_cli.console import Console
 from loom_cli.local import EXIT_BROKEN_PIPE, EXIT_INTERRUPTED
-from loom_cli.remote import EXIT_STATUS_HELP, NOT_LOOM, Remote, _q, _remote, _remote_options
+from loom_cli.remote import (
+    EXIT_STATUS_HELP,
+    NOT_LOOM,
+    Remote,
+    quoted,
+    remote_options,
+    remote_session,
+)
 from loom_common import Graph, SpecError, load_graph
 from loom_worker.engine import Execution, NodeRecord
 from loom_worker.events import (
@@ -440,7 +447,7 @@ def _graph(client: Client, execution: Item) -> Graph:
     deleted since, one made of the node names the execution has."""
     name, version = str(execution.get("graph")), execution.get("graph_version")
     try:
-        stored = client.get(f"/graphs/{_q(name)}", {"version": version})
+        stored = client.get(f"/graphs/{quoted(name)}", {"version": version})
         return load_graph(str(stored["source"]))
     except Problem as exc:
         if exc.status != 404:
@@ -455,7 +462,9 @@ def _graph(client: Client, execution: Item) -> Graph:
 def _print_stored(client: Client, execution_id: str, printer: Printer) -> None:
     after = 0
     while True:
-        page = client.get(f"/executions/{_q(execution_id)}/logs", {"after": after, "limit": PAGE})
+        page = client.get(
+            f"/executions/{quoted(execution_id)}/logs", {"after": after, "limit": PAGE}
+        )
         items = page.get("items") if isinstance(page, dict) else None
         if not isinstance(items, list):
             raise ClientError(NOT_LOOM, EXIT_UNREACHABLE)
@@ -486,7 +495,7 @@ def _terminal_exits(execution_id: str) -> Iterator[None]:
 
 
 def _execution(client: Client, execution_id: str) -> Item:
-    execution = client.get(f"/executions/{_q(execution_id)}")
+    execution = client.get(f"/executions/{quoted(execution_id)}")
     if not isinstance(execution, dict) or not isinstance(execution.get("status"), str):
         raise ClientError(NOT_LOOM, EXIT_UNREACHABLE)
     return execution
@@ -510,7 +519,7 @@ def follow_execution(remote: Remote, execution_id: str) -> int:
             async def refresh() -> bool:
                 before = client.token
                 # Any authenticated call refreshes an expired token (and stores the pair).
-                await asyncio.to_thread(client.get, f"/executions/{_q(execution_id)}")
+                await asyncio.to_thread(client.get, f"/executions/{quoted(execution_id)}")
                 return client.token != before
 
             follower = asyncio.run(
@@ -565,7 +574,7 @@ def print_logs(remote: Remote, execution_id: str) -> int:
     help="Go on printing lines as they come until the execution ends, then exit with its "
     "status (0 succeeded, 1 not) as `loom run` does.",
 )
-@_remote_options
+@remote_options
 def logs(
     execution_id: str, following: bool, server: str | None, token: str | None, output: str | None
 ) -> None:
@@ -576,7 +585,7 @@ def logs(
     object per line: {"type": "log", "seq", "node", "stream", "ts", "text"}, and with
     -f also the server's "node" and "execution" status frames.
     """
-    with _remote(server, token, output) as remote:
+    with remote_session(server, token, output) as remote:
         if following:
             sys.exit(follow_execution(remote, execution_id))
         sys.exit(print_logs(remote, execution_id))

@@ -71,7 +71,7 @@ class Remote:
         click.echo(json.dumps(value, indent=2, ensure_ascii=False))
 
 
-def _remote_options(func: F) -> F:
+def remote_options(func: F) -> F:
     options = (
         click.option(
             "--server",
@@ -160,7 +160,7 @@ def _client(server: str | None, token: str | None) -> Client:
 
 
 @contextmanager
-def _remote(server: str | None, token: str | None, output: str | None) -> Iterator[Remote]:
+def remote_session(server: str | None, token: str | None, output: str | None) -> Iterator[Remote]:
     """The session of one command; a `ClientError` ends the command with its message and
     exit status."""
     server, token, output = (
@@ -186,7 +186,7 @@ def _fail(exc: ClientError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
@@ -205,7 +205,9 @@ def _when(value: Any) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _items(remote: Remote, path: str, limit: int | None = None, **query: str | None) -> list[Any]:
+def all_items(
+    remote: Remote, path: str, limit: int | None = None, **query: str | None
+) -> list[Any]:
     """Every item of a paginated list (up to `limit`), following `next_cursor`."""
     items: list[Any] = []
     cursor: str | None = None
@@ -218,7 +220,7 @@ def _items(remote: Remote, path: str, limit: int | None = None, **query: str | N
             return items
 
 
-def _q(name: str) -> str:
+def quoted(name: str) -> str:
     return quote(name, safe="")
 
 
@@ -312,7 +314,7 @@ def login(server: str | None, username: str | None, output: str | None) -> None:
     type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
     help="A graph file (YAML or JSON; - for stdin); repeatable.",
 )
-@_remote_options
+@remote_options
 def apply(
     files: tuple[Path, ...], server: str | None, token: str | None, output: str | None
 ) -> None:
@@ -323,7 +325,7 @@ def apply(
     other files are still applied.
     """
     status = EXIT_OK
-    with _remote(server, token, output) as remote:
+    with remote_session(server, token, output) as remote:
         for path in files:
             status = max(status, _apply_file(remote, path))
     sys.exit(status)
@@ -344,12 +346,12 @@ def _apply_file(remote: Remote, path: Path) -> int:
         checked = client.call("POST", "/graphs/validate", content=source, headers=headers)
         name = str(checked.json()["name"])
         try:
-            before: Any = client.get(f"/graphs/{_q(name)}")
+            before: Any = client.get(f"/graphs/{quoted(name)}")
         except Problem as exc:
             if exc.status != 404:
                 raise
             before = None
-        answer = client.call("PUT", f"/graphs/{_q(name)}", content=source, headers=headers)
+        answer = client.call("PUT", f"/graphs/{quoted(name)}", content=source, headers=headers)
         graph = answer.json()
     except Problem as exc:
         if exc.exit_code not in (EXIT_FAILED, EXIT_INVALID):
@@ -388,14 +390,14 @@ def _print_spec_problem(label: str, problem: Problem) -> None:
 
 
 @click.group("graphs", invoke_without_command=True, epilog=EXIT_STATUS_HELP)
-@_remote_options
+@remote_options
 @click.pass_context
 def graphs(ctx: click.Context, server: str | None, token: str | None, output: str | None) -> None:
     """List graphs (name, version, enabled, triggers); enable or disable one."""
     if ctx.invoked_subcommand is not None:
         return
-    with _remote(server, token, output) as remote:
-        items = _items(remote, "/graphs")
+    with remote_session(server, token, output) as remote:
+        items = all_items(remote, "/graphs")
         if remote.json_output:
             remote.print_json(items)
             return
@@ -408,15 +410,15 @@ def graphs(ctx: click.Context, server: str | None, token: str | None, output: st
             )
             for g in items
         ]
-        _table(("NAME", "VERSION", "ENABLED", "TRIGGERS"), rows)
+        print_table(("NAME", "VERSION", "ENABLED", "TRIGGERS"), rows)
 
 
 def _set_enabled(
     name: str, enabled: bool, server: str | None, token: str | None, output: str | None
 ) -> None:
-    with _remote(server, token, output) as remote:
+    with remote_session(server, token, output) as remote:
         graph = _json_of(
-            remote.client.call("PATCH", f"/graphs/{_q(name)}", json={"enabled": enabled})
+            remote.client.call("PATCH", f"/graphs/{quoted(name)}", json={"enabled": enabled})
         )
         if remote.json_output:
             remote.print_json(graph)
@@ -428,7 +430,7 @@ def _set_enabled(
 
 @graphs.command("enable", epilog=EXIT_STATUS_HELP)
 @click.argument("name")
-@_remote_options
+@remote_options
 def enable(name: str, server: str | None, token: str | None, output: str | None) -> None:
     """Resume every trigger of graph NAME."""
     _set_enabled(name, True, server, token, output)
@@ -436,7 +438,7 @@ def enable(name: str, server: str | None, token: str | None, output: str | None)
 
 @graphs.command("disable", epilog=EXIT_STATUS_HELP)
 @click.argument("name")
-@_remote_options
+@remote_options
 def disable(name: str, server: str | None, token: str | None, output: str | None) -> None:
     """Pause every trigger of graph NAME (its webhooks answer 404, its timers stop)."""
     _set_enabled(name, False, server, token, output)
@@ -466,7 +468,7 @@ def disable(name: str, server: str | None, token: str | None, output: str | None
     is_flag=True,
     help="Then print its lines as `loom logs -f` does and exit with its status (0 succeeded).",
 )
-@_remote_options
+@remote_options
 def trigger(
     graph: str,
     params: tuple[str, ...],
@@ -477,8 +479,8 @@ def trigger(
     output: str | None,
 ) -> None:
     """Start an execution of GRAPH; prints its id and status (with --follow, then its lines)."""
-    with _remote(server, token, output) as remote:
-        spec = remote.client.get(f"/graphs/{_q(graph)}").get("spec") or {}
+    with remote_session(server, token, output) as remote:
+        spec = remote.client.get(f"/graphs/{quoted(graph)}").get("spec") or {}
         declared: dict[str, ParamSpec] = {}
         for name, param in (spec.get("params") or {}).items():
             try:
@@ -495,7 +497,7 @@ def trigger(
             raise ClientError(str(exc), EXIT_INVALID) from None
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         answer = remote.client.call(
-            "POST", f"/graphs/{_q(graph)}/executions", json={"params": values}, headers=headers
+            "POST", f"/graphs/{quoted(graph)}/executions", json={"params": values}, headers=headers
         )
         execution = _json_of(answer)
         if remote.json_output:
@@ -525,7 +527,7 @@ def trigger(
     show_default=True,
     help="At most this many, newest first.",
 )
-@_remote_options
+@remote_options
 def executions(
     graph: str | None,
     status: str | None,
@@ -536,8 +538,8 @@ def executions(
     output: str | None,
 ) -> None:
     """List executions, newest first: id, graph, status, trigger, created."""
-    with _remote(server, token, output) as remote:
-        items = _items(
+    with remote_session(server, token, output) as remote:
+        items = all_items(
             remote, "/executions", limit, graph=graph, status=status, trigger=trigger_type
         )
         if remote.json_output:
@@ -553,19 +555,19 @@ def executions(
             )
             for e in items
         ]
-        _table(("ID", "GRAPH", "STATUS", "TRIGGER", "CREATED"), rows)
+        print_table(("ID", "GRAPH", "STATUS", "TRIGGER", "CREATED"), rows)
 
 
 @click.command("cancel", epilog=EXIT_STATUS_HELP)
 @click.argument("execution_id", metavar="ID")
-@_remote_options
+@remote_options
 def cancel(execution_id: str, server: str | None, token: str | None, output: str | None) -> None:
     """Ask an execution to stop.
 
     Its running nodes are cancelled and the ones not started yet are skipped.
     """
-    with _remote(server, token, output) as remote:
-        answer = remote.client.call("POST", f"/executions/{_q(execution_id)}/cancel")
+    with remote_session(server, token, output) as remote:
+        answer = remote.client.call("POST", f"/executions/{quoted(execution_id)}/cancel")
         execution = _json_of(answer)
         if remote.json_output:
             remote.print_json(execution)
@@ -580,7 +582,7 @@ def cancel(execution_id: str, server: str | None, token: str | None, output: str
 
 
 @click.group("dlq", epilog=EXIT_STATUS_HELP)
-@_remote_options
+@remote_options
 def dlq(server: str | None, token: str | None, output: str | None) -> None:
     """The work queue's dead letters: messages given up on, with why (admins only)."""
 
@@ -594,13 +596,13 @@ def dlq(server: str | None, token: str | None, output: str | None) -> None:
     show_default=True,
     help="At most this many, oldest first.",
 )
-@_remote_options
+@remote_options
 def dlq_list(limit: int, server: str | None, token: str | None, output: str | None) -> None:
     """List dead letters, oldest first: id, key, type, when, and why.
 
     A message that is not an envelope shows no type; `-o json` has its preview.
     """
-    with _remote(server, token, output) as remote:
+    with remote_session(server, token, output) as remote:
         page = remote.client.get("/dlq", {"limit": limit})
         items = page.get("items") if isinstance(page, dict) else None
         if not isinstance(items, list):
@@ -618,18 +620,18 @@ def dlq_list(limit: int, server: str | None, token: str | None, output: str | No
             )
             for d in items
         ]
-        _table(("ID", "KEY", "TYPE", "DEAD-LETTERED", "REASON"), rows)
+        print_table(("ID", "KEY", "TYPE", "DEAD-LETTERED", "REASON"), rows)
         if len(items) == limit:
             click.echo(f"(the oldest {limit}: there may be more, see --limit)", err=True)
 
 
 @dlq.command("replay", epilog=EXIT_STATUS_HELP)
 @click.argument("letter_id", metavar="ID")
-@_remote_options
+@remote_options
 def dlq_replay(letter_id: str, server: str | None, token: str | None, output: str | None) -> None:
     """Put dead letter ID back on the work queue, as a new message."""
-    with _remote(server, token, output) as remote:
-        remote.client.call("POST", f"/dlq/{_q(letter_id)}/replay")
+    with remote_session(server, token, output) as remote:
+        remote.client.call("POST", f"/dlq/{quoted(letter_id)}/replay")
         if remote.json_output:
             remote.print_json({"id": letter_id, "replayed": True})
             return

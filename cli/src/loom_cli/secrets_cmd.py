@@ -8,7 +8,14 @@ import sys
 
 import click
 
-from loom_cli.remote import EXIT_STATUS_HELP, _items, _q, _remote, _remote_options, _table
+from loom_cli.remote import (
+    EXIT_STATUS_HELP,
+    all_items,
+    print_table,
+    quoted,
+    remote_options,
+    remote_session,
+)
 
 __all__ = ["secrets"]
 
@@ -25,7 +32,7 @@ def secrets() -> None:
     is_flag=True,
     help="Read the value from standard input (all of it, without its final newline).",
 )
-@_remote_options
+@remote_options
 def set_secret(
     name: str, from_stdin: bool, server: str | None, token: str | None, output: str | None
 ) -> None:
@@ -37,8 +44,8 @@ def set_secret(
         value = click.prompt(f"value of {name}", hide_input=True, confirmation_prompt=True)
     if not value:
         raise click.UsageError("a secret's value cannot be empty")
-    with _remote(server, token, output) as remote:
-        remote.client.call("PUT", f"/secrets/{_q(name)}", json={"value": value})
+    with remote_session(server, token, output) as remote:
+        remote.client.call("PUT", f"/secrets/{quoted(name)}", json={"value": value})
         if remote.json_output:
             remote.print_json({"name": name})
             return
@@ -46,24 +53,24 @@ def set_secret(
 
 
 @secrets.command("list", epilog=EXIT_STATUS_HELP)
-@_remote_options
+@remote_options
 def list_secrets(server: str | None, token: str | None, output: str | None) -> None:
     """The names of the stored secrets (never their values)."""
-    with _remote(server, token, output) as remote:
-        items = _items(remote, "/secrets")
+    with remote_session(server, token, output) as remote:
+        items = all_items(remote, "/secrets")
         if remote.json_output:
             remote.print_json(items)
             return
-        _table(("NAME",), [(str(item.get("name")),) for item in items])
+        print_table(("NAME",), [(str(item.get("name")),) for item in items])
 
 
 @secrets.command("delete", epilog=EXIT_STATUS_HELP)
 @click.argument("name")
-@_remote_options
+@remote_options
 def delete_secret(name: str, server: str | None, token: str | None, output: str | None) -> None:
     """Delete secret NAME."""
-    with _remote(server, token, output) as remote:
-        remote.client.call("DELETE", f"/secrets/{_q(name)}")
+    with remote_session(server, token, output) as remote:
+        remote.client.call("DELETE", f"/secrets/{quoted(name)}")
         if remote.json_output:
             remote.print_json({"name": name, "deleted": True})
             return
