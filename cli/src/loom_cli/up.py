@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,15 @@ def up_command(
     except (SettingsError, OSError) as exc:
         print(f"loom up: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    for wanted, flag in ((settings.rest_port, "--port"), (settings.websocket_port, "--ws-port")):
+        problem = _unavailable(settings.rest_host, wanted)
+        if problem is not None:
+            print(
+                f"loom up: cannot listen on {settings.rest_host}:{wanted} ({problem}): "
+                f"is Loom already running? Choose another with {flag}",
+                file=sys.stderr,
+            )
+            return 2
     configure_logging(settings.log_format, settings.log_level)
     try:
         asyncio.run(_up(settings, started))
@@ -165,6 +175,21 @@ class _Mount:
             await self.hooks(scope, receive, send)
         else:
             await self.api(scope, receive, send)
+
+
+def _unavailable(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on, or None (checked before anything starts, so
+    that a port in use is one clear line rather than a failure halfway through)."""
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def _shown(host: str) -> str:
