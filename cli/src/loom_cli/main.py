@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -117,15 +118,7 @@ def schema() -> None:
 @click.option("--database-url", metavar="URL", help="Default: SQLite in the data directory.")
 @click.option("--queue-url", metavar="URL", help="Default: memory:// (amqp://... or kafka://...).")
 @click.option("--events-url", metavar="URL", help="Default: memory:// (kafka://... or amqp://...).")
-def up(
-    host: str,
-    port: int,
-    ws_port: int,
-    data_dir: Path,
-    database_url: str | None,
-    queue_url: str | None,
-    events_url: str | None,
-) -> None:
+def up(**options: Any) -> None:
     """Run the whole system in one process: API, webhooks, timers, a worker, live logs.
 
     The first start creates the data directory, a secret key in it and user `admin`
@@ -135,17 +128,7 @@ def up(
     """
     from loom_cli.up import up_command
 
-    sys.exit(
-        up_command(
-            host=host,
-            port=port,
-            ws_port=ws_port,
-            data_dir=data_dir,
-            database_url=database_url,
-            queue_url=queue_url,
-            events_url=events_url,
-        )
-    )
+    sys.exit(up_command(**options))
 
 
 @cli.command("serve")
