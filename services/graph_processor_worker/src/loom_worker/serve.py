@@ -55,6 +55,7 @@ async def run(settings: WorkerSettings) -> None:
     _log.info("worker stopped")
 
 
-def main() -> None:
-    """Entry point: exit 2 with one clear line for a configuration error."""
-    run_service("loom-worker", load_worker_settings, run)
+def main(argv: list[str] | None = None) -> None:
+    """Entry point (`--help` lists the settings): exit 2 with one clear line for a bad
+    argument or a configuration error. `argv`: see `run_service`."""
+    run_service("loom-worker", load_worker_settings, run, settings_class=WorkerSettings, argv=argv)

@@ -28,6 +28,7 @@ async def run(settings: RestSettings) -> None:
     _log.info("REST API stopped")
 
 
-def main() -> None:
-    """Entry point: exit 2 with one clear line for a configuration error."""
-    run_service("loom-rest", load_rest_settings, run)
+def main(argv: list[str] | None = None) -> None:
+    """Entry point (`--help` lists the settings): exit 2 with one clear line for a bad
+    argument or a configuration error. `argv`: see `run_service`."""
+    run_service("loom-rest", load_rest_settings, run, settings_class=RestSettings, argv=argv)

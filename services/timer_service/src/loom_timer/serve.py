@@ -38,6 +38,7 @@ async def run(settings: TimerSettings) -> None:
     _log.info("timer service stopped")
 
 
-def main() -> None:
-    """Entry point: exit 2 with one clear line for a configuration error."""
-    run_service("loom-timer", load_timer_settings, run)
+def main(argv: list[str] | None = None) -> None:
+    """Entry point (`--help` lists the settings): exit 2 with one clear line for a bad
+    argument or a configuration error. `argv`: see `run_service`."""
+    run_service("loom-timer", load_timer_settings, run, settings_class=TimerSettings, argv=argv)

@@ -26,6 +26,9 @@ async def run(settings: WebhookSettings) -> None:
     _log.info("webhook service stopped")
 
 
-def main() -> None:
-    """Entry point: exit 2 with one clear line for a configuration error."""
-    run_service("loom-webhook", load_webhook_settings, run)
+def main(argv: list[str] | None = None) -> None:
+    """Entry point (`--help` lists the settings): exit 2 with one clear line for a bad
+    argument or a configuration error. `argv`: see `run_service`."""
+    run_service(
+        "loom-webhook", load_webhook_settings, run, settings_class=WebhookSettings, argv=argv
+    )
