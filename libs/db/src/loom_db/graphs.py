@@ -17,20 +17,22 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 from sqlalchemy import Row, Select, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from loom_common import Graph, load_graph
 from loom_db import audit
 from loom_db.errors import Conflict, NotFound
 from loom_db.models import executions, graph_versions, graphs, triggers
 from loom_db.outbox import enqueue
 from loom_db.pagination import check_limit, decode_cursor, encode_cursor
 from loom_db.types import utcnow
+
+if TYPE_CHECKING:
+    from loom_common import Graph
 
 __all__ = [
     "ApplyOutcome",
@@ -113,6 +115,8 @@ async def apply_graph(
     executions name. Raises `SpecError` for an invalid document, and `Conflict` with
     `create_only` when the name exists.
     """
+    from loom_common import load_graph  # on first use: a service that applies none skips Jinja2
+
     graph = load_graph(source)
     name = graph.name
     spec = graph.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)

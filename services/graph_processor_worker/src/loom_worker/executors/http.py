@@ -15,12 +15,16 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 
 from .base import LogSink, NodeCall, NodeFailed, NodeResult
+
+if TYPE_CHECKING:
+    # Imported on first use: httpx (with the rich, click and pygments its __init__ pulls
+    # in, and the client's SSL context) is ~7 MB a worker without http nodes never needs.
+    import httpx
 
 __all__ = ["DEFAULT_TIMEOUT", "BreakerState", "CircuitBreaker", "HttpExecutor"]
 
@@ -101,8 +105,9 @@ class CircuitBreaker:
 
 
 class HttpExecutor:
-    """Runs `http` nodes over one shared `httpx.AsyncClient` (created, owned and closed
-    here unless `client` is given; an owned client follows redirects)."""
+    """Runs `http` nodes over one shared `httpx.AsyncClient` (created on the first
+    request, owned and closed here unless `client` is given; an owned client follows
+    redirects)."""
 
     def __init__(
         self,
@@ -113,7 +118,7 @@ class HttpExecutor:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._owns_client = client is None
-        self._client = httpx.AsyncClient(follow_redirects=True) if client is None else client
+        self._client = client
         self._failure_threshold = failure_threshold
         self._cool_down = cool_down
         self._clock = clock
@@ -131,8 +136,15 @@ class HttpExecutor:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._owns_client:
+        if self._owns_client and self._client is not None:
             await self._client.aclose()
+
+    def _the_client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(follow_redirects=True)
+        return self._client
 
     async def request(self, spec: Mapping[str, Any], *, call: NodeCall, log: LogSink) -> NodeResult:
         """Make the request of a rendered `http` spec: `method` (GET), `url`, `headers`,
@@ -145,6 +157,8 @@ class HttpExecutor:
         a 4xx other than 408, 425 and 429), a connection error or timeout (the httpx error),
         an open circuit (without a request), and, not retryable, for an invalid spec or URL.
         """
+        import httpx
+
         method, url, options, expect = _parse_spec(spec)
         key = _host_key(url)
         breaker = self._breakers.get(key)
@@ -163,7 +177,7 @@ class HttpExecutor:
         shown = f"{method} {url.scheme}://{url.netloc.decode('ascii')}{url.path}"
         started = time.perf_counter()
         try:
-            response = await self._client.request(method, url, **options)
+            response = await self._the_client().request(method, url, **options)
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
             if trial:
                 breaker.release()
@@ -204,6 +218,7 @@ def _parse_spec(
     spec: Mapping[str, Any],
 ) -> tuple[str, httpx.URL, dict[str, Any], list[int] | None]:
     """(method, url, the client's request options, expect); NodeFailed for a bad spec."""
+    import httpx
 
     def invalid(message: str) -> NodeFailed:
         return NodeFailed(f"invalid http spec: {message}", retryable=False)
