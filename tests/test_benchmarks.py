@@ -118,3 +118,29 @@ def test_latency_benchmark_quick_prints_b3_and_b1d() -> None:
     assert b3["unit"] == "ms" and b3["p99"] >= b3["p50"] == b3["value"] > 0
     assert b3["baseline"] > 0
     assert b1d["unit"] == "ms/node" and b1d["value"] > 0 and b1d["n"] == 40
+
+
+def test_live_logs_benchmark_quick_prints_b5_with_every_line_to_every_follower() -> None:
+    """It exits 0 only if every follower got every line in order (memory run: no service
+    needed; the Kafka run is left to the full benchmark, to stay under a minute)."""
+    figures = figures_of("live_logs.py", "--only", "memory")
+    assert [f["benchmark"] for f in figures] == ["B5", "B5"]
+    throughput, memory = figures
+    for figure in figures:
+        assert FIELDS <= set(figure) and figure["quick"] is True
+    assert throughput["unit"].startswith("lines/s per follower") and throughput["n"] == 10_000
+    assert throughput["value"] > 0 and throughput["value_20"] > 0 and throughput["p99"] > 0
+    assert throughput["baseline"] > 0 and throughput["ratio"] > 0
+    assert memory["unit"] == "KiB RSS per connection" and memory["n"] == 100
+
+
+def test_idle_memory_benchmark_quick_prints_b7_for_each_service() -> None:
+    figures = figures_of("idle_memory.py")
+    assert [f["benchmark"] for f in figures] == ["B7"] * 5
+    assert [f["name"] for f in figures] == [
+        f"idle {service}" for service in ("rest", "webhook", "timer", "worker", "websocket")
+    ]
+    for figure in figures:
+        assert FIELDS | {"uss", "bare_python"} <= set(figure) and figure["quick"] is True
+        assert figure["unit"] == "MB" and figure["value"] >= figure["uss"] > 0
+        assert figure["baseline"] > figure["bare_python"] > 0 and figure["ratio"] > 0

@@ -63,7 +63,10 @@ class System:
     """A worker (with the outbox relay feeding it) and the websocket service, until
     `stop()`; `url(execution_id, after)` is where a follower connects."""
 
-    def __init__(self, db: Database, broker: Broker, **overrides: Any) -> None:
+    def __init__(
+        self, db: Database, broker: Broker, *, worker: bool = True, **overrides: Any
+    ) -> None:
+        self.with_worker = worker
         self.db = db
         self.broker = broker
         self.ws_settings = WebsocketSettings(secret_key=SECRET_KEY, websocket_port=0, **overrides)  # type: ignore[arg-type]
@@ -82,9 +85,12 @@ class System:
         async with self.db.transaction() as conn:
             await users.create_user(conn, "admin", PASSWORD_HASH, "viewer", by=None)
         await self.relay.start()
-        self.worker_task = asyncio.create_task(self.worker.run(self.stop_worker))
+        self.worker_task = asyncio.create_task(
+            self.worker.run(self.stop_worker) if self.with_worker else self.stop_worker.wait()
+        )
         self.live_task = asyncio.create_task(self.live.serve(self.stop_live))
-        await asyncio.wait_for(self.worker.ready.wait(), WAIT)
+        if self.with_worker:
+            await asyncio.wait_for(self.worker.ready.wait(), WAIT)
         await asyncio.wait_for(self.live.started.wait(), WAIT)
         return self
 

@@ -9,6 +9,7 @@ import contextlib
 import random
 import socket
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import httpx
 import orjson
@@ -16,10 +17,12 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from loom_common import encode_envelope
 from loom_db import Database
+from loom_db.logs import LogLineIn, append_logs
 from loom_messaging import Broker, decode
 
-from .conftest import System, follow, printing, token
+from .conftest import System, follow, printing, token, until
 
 
 async def test_a_follower_gets_the_state_every_line_in_order_then_1000(
@@ -122,7 +125,9 @@ async def test_a_follower_too_slow_is_closed_with_4008_and_resumes_with_after_lo
     db: Database, broker: Broker
 ) -> None:
     total = 8000
-    async with System(db, broker, websocket_high_water=64 * 1024) as system:
+    async with System(
+        db, broker, websocket_high_water=64 * 1024, websocket_slow_seconds=1
+    ) as system:
         await system.apply(printing("wide", total, width=1000))
         execution_id = await system.trigger("wide")
         headers = {"Authorization": f"Bearer {token()}"}
@@ -153,6 +158,71 @@ async def test_a_follower_too_slow_is_closed_with_4008_and_resumes_with_after_lo
         rest = await follow(system.url(execution_id, after=seqs[-1]), bearer=token())
     assert seqs + rest.seqs == list(range(1, total + 1))
     assert rest.code == 1000
+
+
+async def test_a_burst_of_batches_does_not_close_followers_that_keep_reading(
+    db: Database, broker: Broker
+) -> None:
+    """Many batches at once pass every connection's high-water mark for a moment: the
+    followers leave the broadcast group until their connection drains, and are not
+    closed with 4008 (they read as fast as they can)."""
+    total, per_batch = 60_000, 500
+    async with System(db, broker, worker=False, websocket_high_water=64 * 1024) as system:
+        await system.apply(printing("burst", 1))
+        execution_id = await system.trigger("burst")
+        headers = {"Authorization": f"Bearer {token()}"}
+
+        async def reader() -> tuple[list[int], int | None]:
+            seqs: list[int] = []
+            async with connect(
+                system.url(execution_id),
+                additional_headers=headers,
+                compression=None,
+                max_size=None,
+            ) as ws:
+                with contextlib.suppress(ConnectionClosed):
+                    while len(seqs) < total:
+                        frame = orjson.loads(await ws.recv())
+                        if frame["type"] == "logs":
+                            seqs += [line["seq"] for line in frame["lines"]]
+                return seqs, ws.close_code
+
+        readers = [asyncio.create_task(reader()) for _ in range(10)]
+        await until(lambda: system.live.hub.in_step(execution_id) == 10)
+        now = datetime.now(UTC)
+        lines = [
+            LogLineIn(i, "talk", "stdout", now, f"line {i} " + "y" * 100)
+            for i in range(1, total + 1)
+        ]
+        async with db.transaction() as conn:
+            await append_logs(conn, execution_id, lines)
+        batches = [
+            {
+                "execution_id": execution_id,
+                "lines": [
+                    {
+                        "seq": li.seq,
+                        "node": li.node,
+                        "stream": li.stream,
+                        "ts": now.isoformat(),
+                        "text": li.text,
+                    }
+                    for li in lines[i : i + per_batch]
+                ],
+            }
+            for i in range(0, total, per_batch)
+        ]
+        await broker.events.publish_batch(
+            [(encode_envelope("log.batch", b), execution_id) for b in batches]
+        )
+        results = await asyncio.wait_for(asyncio.gather(*readers), 120)
+        slow = system.live.metrics.slow_closes._value.get()
+        waits = system.live.metrics.drain_waits._value.get()
+    for seqs, code in results:
+        assert code is None  # still open: nobody was closed for being slow
+        assert seqs == list(range(1, total + 1))
+    assert slow == 0
+    assert waits > 0  # the burst did pass the high-water mark
 
 
 async def test_two_hundred_followers_of_one_execution_all_get_everything(

@@ -10,6 +10,7 @@ back (a gap, the final status, the database having moved on) it does the same ag
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ from websockets.asyncio.server import ServerConnection
 from loom_db import Database, NotFound, executions, logs, node_runs
 from loom_db.executions import ExecutionRecord
 from loom_messaging import Envelope
-from loom_websocket.hub import POLL, Follower, Hub, execution_frame, logs_frame, node_frame
+from loom_websocket.hub import POLL, SLOW, Follower, Hub, execution_frame, logs_frame, node_frame
 from loom_websocket.metrics import WebsocketMetrics
 
 __all__ = ["NOT_FOUND", "FollowExecution"]
@@ -54,7 +55,10 @@ class FollowExecution:
         conn: ServerConnection,
         execution_id: str,
         after: int,
+        *,
+        slow_seconds: float,
     ) -> None:
+        self._slow_seconds = slow_seconds
         self._hub = hub
         self._database = database
         self._metrics = metrics
@@ -66,25 +70,45 @@ class FollowExecution:
         follower = self._follower
         self._hub.follow(follower)
         try:
-            try:
-                record = await self._state()
-            except NotFound:
-                await self._conn.close(NOT_FOUND, "no such execution")
-                return
-            await self._fill()
-            if record.finished:
-                await self._finish(record)
-                return
-            while not follower.closed:
-                envelope = follower.take()
-                if envelope is None:
-                    if self._hub.step_in(follower):
-                        await follower.wake.wait()
-                    continue
-                if await self._handle(envelope):
-                    return
+            await self._follow()
+        except _TooSlow:
+            self._metrics.slow_closes.inc()
+            reason = f"too slow: reconnect with after={follower.last_seq}"
+            await self._conn.close(SLOW, reason)
         finally:
             self._hub.leave(follower)
+
+    async def _follow(self) -> None:
+        follower = self._follower
+        try:
+            record = await self._state()
+        except NotFound:
+            await self._conn.close(NOT_FOUND, "no such execution")
+            return
+        await self._fill()
+        if record.finished:
+            await self._finish(record)
+            return
+        while not follower.closed:
+            if follower.draining:
+                await self._drained()
+            envelope = follower.take()
+            if envelope is None:
+                if self._hub.step_in(follower):
+                    await follower.wake.wait()
+                continue
+            if await self._handle(envelope):
+                return
+
+    async def _drained(self) -> None:
+        """Wait until the connection has taken what the broadcasts gave it (a burst), or
+        raise `_TooSlow` when it does not within `slow_seconds`."""
+        try:
+            async with asyncio.timeout(self._slow_seconds):
+                await self._conn.drain()
+        except TimeoutError:
+            raise _TooSlow from None
+        self._follower.draining = False
 
     async def _handle(self, envelope: Envelope) -> bool:
         """Send what `envelope` says that was not sent yet; True once the follow ended."""
@@ -95,6 +119,10 @@ class FollowExecution:
                 return False
             if lines[0]["seq"] > self._follower.last_seq + 1:
                 await self._fill(until=lines[0]["seq"] - 1)
+            if lines[0]["seq"] == self._follower.last_seq + 1:
+                await self._send(self._hub.batch_frame(envelope))
+                self._follower.last_seq = lines[-1]["seq"]
+                return False
             tail = [line for line in lines if line["seq"] > self._follower.last_seq]
             if tail:
                 await self._send(logs_frame(tail))
@@ -184,5 +212,14 @@ class FollowExecution:
         await self._conn.close(1000, "execution finished")
 
     async def _send(self, frame: bytes) -> None:
-        await self._conn.send(frame, text=True)
+        """Send one frame, waiting while the connection is full, up to `slow_seconds`."""
+        try:
+            async with asyncio.timeout(self._slow_seconds):
+                await self._conn.send(frame, text=True)
+        except TimeoutError:
+            raise _TooSlow from None
         self._metrics.sent(1, len(frame))
+
+
+class _TooSlow(Exception):
+    """The connection took nothing for `slow_seconds`: it is closed with 4008."""

@@ -9,7 +9,9 @@ For followers in step a `log.batch` is encoded ONCE and the same bytes are writt
 every connection (`websockets.broadcast`); only a follower that has a gap (a batch lost
 between the database and the broker, or a subscription that broke) leaves the group, and
 its task fills the gap from the database before it rejoins. A follower whose unsent bytes
-pass the high-water mark is closed with 4008 and resumes with `after`.
+pass the high-water mark leaves the group too: its task waits for its connection to
+drain (a burst is not a slow reader), and closes it with 4008 only when it does not drain
+in time (the client resumes with `after`).
 
 A channel that hears nothing for a while asks the database whether its execution has
 moved on (a lost batch with nothing after it, a lost final status, an execution cancelled
@@ -23,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +47,9 @@ SLOW = 4008
 IDLE_CHECK = 5.0
 """Seconds without an event after which a channel asks the database (1 s while the
 event subscription is down)."""
+
+FRAMES_KEPT = 256
+"""Encoded `logs` frames of recent batches kept for followers catching up."""
 
 POLL = "loom.poll"
 """The type of the hub's own note to a follower: the database has moved on."""
@@ -94,6 +99,8 @@ class Follower:
     pending_bytes: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False
+    draining: bool = False
+    """Its unsent bytes passed the high-water mark: its task waits for them to drain."""
 
     def buffer(self, envelope: Envelope, weight: int) -> None:
         self.pending.append((envelope, weight))
@@ -151,6 +158,7 @@ class Hub:
         self.high_water = high_water
         self._channels: dict[str, _Channel] = {}
         self._watchers: set[Watcher] = set()
+        self._frames: OrderedDict[int, tuple[dict[str, Any], bytes]] = OrderedDict()
         self.ready = asyncio.Event()
         self._log = logging.getLogger("loom.websocket")
 
@@ -189,6 +197,11 @@ class Hub:
 
     def unwatch(self, watcher: Watcher) -> None:
         self._watchers.discard(watcher)
+
+    def in_step(self, execution_id: str) -> int:
+        """How many followers of `execution_id` are in the broadcast group."""
+        channel = self._channels.get(execution_id)
+        return 0 if channel is None else len(channel.in_step)
 
     @property
     def followers(self) -> int:
@@ -278,7 +291,20 @@ class Hub:
         if group:
             for follower in group:
                 follower.last_seq = last
-            self._send(group, logs_frame(lines))
+            self._send(group, self.batch_frame(envelope))
+
+    def batch_frame(self, envelope: Envelope) -> bytes:
+        """The `logs` frame of a whole `log.batch`, encoded once for every follower that
+        sends it (in step now, or catching up later from its buffer)."""
+        key = id(envelope.data)
+        known = self._frames.get(key)
+        if known is not None and known[0] is envelope.data:
+            return known[1]
+        frame = logs_frame(envelope.data["lines"])
+        self._frames[key] = (envelope.data, frame)
+        if len(self._frames) > FRAMES_KEPT:
+            self._frames.popitem(last=False)
+        return frame
 
     def _hand_back(
         self, channel: _Channel, followers: list[Follower], envelope: Envelope, weight: int
@@ -295,19 +321,15 @@ class Hub:
         self._metrics.sent(len(conns), len(frame))
         for follower in followers:
             if _unsent(follower.conn) > self.high_water:
-                self._slow(self._channels[follower.execution_id], follower)
-
-    def _slow(self, channel: _Channel, follower: Follower) -> None:
-        """Close a follower that fell behind with 4008; it resumes with `after`."""
-        channel.in_step.discard(follower)
-        channel.catching.discard(follower)
-        if follower.closed:
-            return
-        follower.closed = True
-        follower.wake.set()
-        self._metrics.slow_closes.inc()
-        reason = f"too slow: reconnect with after={follower.last_seq}"
-        asyncio.get_running_loop().create_task(follower.conn.close(SLOW, reason))
+                # Out of the group until its connection drains (its task waits for that,
+                # and closes it with 4008 if it does not); what comes meanwhile is
+                # buffered for it like for any follower catching up.
+                channel = self._channels[follower.execution_id]
+                channel.in_step.discard(follower)
+                channel.catching.add(follower)
+                follower.draining = True
+                follower.wake.set()
+                self._metrics.drain_waits.inc()
 
     def _tell_watchers(self, data: dict[str, Any]) -> None:
         graph = data.get("graph")

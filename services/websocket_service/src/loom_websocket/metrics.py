@@ -30,6 +30,11 @@ class WebsocketMetrics:
             "Connections closed with 4008 because their unsent bytes passed the high-water mark.",
             registry=registry,
         )
+        self.drain_waits = Counter(
+            "loom_websocket_drain_waits",
+            "Times a follower left the broadcast group until its connection drained.",
+            registry=registry,
+        )
         self.refusals = Counter(
             "loom_websocket_refusals",
             "Connections closed after the handshake, by close code (4401, 4403, 4404, 4400).",

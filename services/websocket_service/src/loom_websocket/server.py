@@ -155,7 +155,13 @@ class LiveLogs:
                 await self._refuse(conn, BAD_REQUEST, "after must be a whole number >= 0")
                 return
             follow = FollowExecution(
-                self.hub, self.runtime.database, self.metrics, conn, match[1], after
+                self.hub,
+                self.runtime.database,
+                self.metrics,
+                conn,
+                match[1],
+                after,
+                slow_seconds=self.settings.websocket_slow_seconds,
             )
             await _until_closed(conn, follow.run)
         finally:

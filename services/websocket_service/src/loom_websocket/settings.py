@@ -22,8 +22,11 @@ class WebsocketSettings(LoomSettings):
     websocket_port: int = Field(default=8081, ge=0, le=65535)
     """WebSockets on `/ws/...`, and `/healthz`, `/readyz`, `/metrics` on the same port."""
     websocket_high_water: int = Field(default=4 * MIB, ge=64 * 1024)
-    """Unsent bytes a follower may have queued; past it, it is closed with 4008 and
-    resumes with `after` (so one slow reader never holds the others back)."""
+    """Unsent bytes a follower may have queued; past it, it leaves the broadcast group
+    until its connection drains (so one slow reader never holds the others back)."""
+    websocket_slow_seconds: float = Field(default=5.0, gt=0)
+    """How long a follower's connection may take nothing (full past the high-water mark,
+    or not taking a frame) before it is closed with 4008; it resumes with `after`."""
     websocket_ping_interval: float = Field(default=20.0, gt=0)
     """Seconds between keepalive pings; a peer that does not answer within the same
     time again is dropped."""
