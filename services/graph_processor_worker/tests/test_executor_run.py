@@ -399,3 +399,27 @@ async def test_a_directly_executed_command_behaves_as_under_bash(tmp_path: Path)
         )
     assert info.value.exit_code == 127
     assert any("no-such-program-xyz" in text and stream == "stderr" for stream, text in lines)
+
+
+async def test_a_closed_valve_holds_the_output_and_the_node_waits_for_it(tmp_path: Path) -> None:
+    """While the consumer is behind (the valve closed) the pipe is not read: the node
+    blocks on its full pipe instead of growing memory; opened, every line arrives."""
+    from loom_worker.executors._process import Valve
+
+    valve = Valve()
+    valve.close()
+    log = Lines()
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    call = NodeCall(execution_id="exec-1", node="talk", attempt=1, workdir=workdir, valve=valve)
+    running = asyncio.create_task(
+        run(f"seq 1 100000; echo done > {workdir / 'finished'}", tmp_path, log=log, call=call)
+    )
+    await asyncio.sleep(1.0)
+    assert not running.done()
+    assert log.items == []  # held: nothing read
+    assert not (workdir / "finished").exists()  # the node waits on its full pipe
+    valve.open()
+    await asyncio.wait_for(running, 60)
+    assert log.of("stdout") == [str(i) for i in range(1, 100001)]
+    assert (workdir / "finished").exists()

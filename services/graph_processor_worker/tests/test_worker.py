@@ -544,3 +544,34 @@ async def test_a_stored_graph_that_no_longer_validates_fails_its_execution_not_t
     assert broken.error is not None and "its graph version is invalid" in broken.error
     assert "ghost" in broken.error
     assert healthy.status == "succeeded", healthy.error  # the worker went on
+
+
+async def test_a_node_printing_faster_than_its_lines_are_stored_is_held_not_buffered(
+    db: Database, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store holds the node's pipes past HOLD_LINES waiting lines: what waits in
+    memory stays bounded however fast the node prints, and every line is stored."""
+    from loom_worker import store as store_module
+
+    most = 0
+    add = store_module.EventStore.add
+
+    def counting(self: store_module.EventStore, event: Any) -> None:
+        nonlocal most
+        add(self, event)
+        most = max(most, len(self._pending.lines))
+
+    monkeypatch.setattr(store_module.EventStore, "add", counting)
+    await apply(db, "name: chatty\nnodes:\n  talk: {run: 'seq 1 100000'}\n")
+    async with Running(db, broker):
+        execution_id = await trigger(db, "chatty")
+        record = await finished(db, execution_id)
+    assert record.status == "succeeded"
+    async with db.read() as conn:
+        last = await logs.last_seq(conn, execution_id)
+        tail = await logs.read_logs(conn, execution_id, after=99_990)
+    assert last == 100_000 and [line.text for line in tail] == [
+        str(i) for i in range(99_991, 100_001)
+    ]
+    # One pipe read (64 KiB) may land after the valve closed; never the whole output.
+    assert store_module.HOLD_LINES <= most < store_module.HOLD_LINES + 65_536 // 2

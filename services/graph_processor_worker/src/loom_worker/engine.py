@@ -61,6 +61,7 @@ from loom_worker.executors import (
     ShellExecutor,
     SqlExecutor,
 )
+from loom_worker.executors._process import Valve
 from loom_worker.executors.base import LogSink, NodeResult
 from loom_worker.executors.sql import render_sql
 
@@ -230,8 +231,11 @@ class Execution:
         prior: dict[str, PriorNode],
         after_seq: int,
         trigger: dict[str, Any],
+        valve: Valve | None = None,
     ) -> None:
         self.engine = engine
+        self.valve = valve
+        """Given by a consumer that may fall behind the nodes' output (the worker's store)."""
         self.graph = graph
         self.id = execution_id
         self.params = params
@@ -627,7 +631,12 @@ class Execution:
                 if node.kind == "run":
                     workdir = self._workdir(instance, attempt)
                 call = NodeCall(
-                    self.id, instance, attempt, self._node_env(node, item, index), workdir
+                    self.id,
+                    instance,
+                    attempt,
+                    self._node_env(node, item, index),
+                    workdir,
+                    self.valve,
                 )
                 async with asyncio.timeout(node.timeout):
                     result = await self._execute(node, call, item, index, log)

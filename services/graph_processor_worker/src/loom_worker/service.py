@@ -118,6 +118,7 @@ class _Run:
             on_stored=self._stored,
             on_lost=self.lose,
         )
+        execution.valve = self.store.valve  # a node outprinting the store waits for it
 
     def lose(self) -> None:
         """The lease is gone: stop the processes, store nothing more."""

@@ -2,7 +2,10 @@
 in batches, and then messages on the event stream.
 
 Log lines wait up to 100 ms or 500 lines; a node or execution status change is committed
-at once (with the lines before it, so the order holds). Each batch is one transaction;
+at once (with the lines before it, so the order holds). A node printing faster than its
+lines are stored is held (`valve`): past `HOLD_LINES` waiting lines its pipes are not
+read until the batch in flight is stored, so memory stays bounded and a line reaches its
+followers soon after the worker read it. Each batch is one transaction;
 its events are published after the commit, and a failed publish is only logged (events
 are news: whoever missed one reads the database). A database outage is waited out with
 backoff, keeping the events in order; the owner decides when that has gone on too long
@@ -23,12 +26,15 @@ from loom_db.logs import LogLineIn
 from loom_db.node_runs import NodeChange
 from loom_messaging import LOG_BATCH_MAX_BYTES, Broker
 from loom_worker.events import NODE_TERMINAL, Event, ExecutionEvent, LogEvent, NodeEvent
+from loom_worker.executors._process import Valve
 
 __all__ = ["EXECUTION_FINAL", "Batch", "EventStore"]
 
 _log = logging.getLogger("loom.worker")
 
 MAX_LINES = 500
+HOLD_LINES = 2000
+"""Lines waiting to be stored past which the nodes' output is not read (`Valve`)."""
 MAX_WAIT = 0.1
 EXECUTION_FINAL = frozenset({"succeeded", "failed", "cancelled", "timed_out", "skipped"})
 _BACKOFF = (0.2, 5.0)
@@ -70,6 +76,7 @@ class EventStore:
         self._on_lost = on_lost
         self.lost = False
         self._pending = Batch()
+        self.valve = Valve()
         self._has_work = asyncio.Event()
         self._urgent = asyncio.Event()
         self._closing = False
@@ -81,6 +88,8 @@ class EventStore:
             pending.lines.append(event)
             if len(pending.lines) >= MAX_LINES:
                 self._urgent.set()
+                if len(pending.lines) >= HOLD_LINES:
+                    self.valve.close()
         elif isinstance(event, NodeEvent):
             pending.nodes.append(event)
             self._urgent.set()
@@ -115,7 +124,9 @@ class EventStore:
             self._urgent.clear()
             batch, self._pending = self._pending, Batch()
             if batch.lines or batch.nodes or batch.final is not None:
-                if not await self._store(batch):
+                stored = await self._store(batch)
+                self.valve.open()  # (a lost lease stops the nodes anyway)
+                if not stored:
                     return
                 await self._publish(batch)
             if self._closing and not self._has_work.is_set():

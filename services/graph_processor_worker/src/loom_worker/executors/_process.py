@@ -21,7 +21,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["MAX_LINE_BYTES", "Child", "LineReader", "describe_exit"]
+__all__ = ["MAX_LINE_BYTES", "Child", "LineReader", "Valve", "describe_exit"]
 
 MAX_LINE_BYTES = 1 << 20
 """A line longer than this is passed on in pieces of this size, so that a process writing
@@ -144,21 +144,75 @@ class Child:
             self._loop.call_soon_threadsafe(self._on_exit)
 
 
+class Valve:
+    """Lets the pipes of a node's processes be read, or holds them. Whoever consumes the
+    lines (the worker's store) closes it when it falls behind; the node then blocks on its
+    full pipe, as a program writing to a slow terminal does, so the lines waiting in
+    memory stay bounded and each line's timestamp stays close to its delivery."""
+
+    def __init__(self) -> None:
+        self.is_open = True
+        self._readers: set[LineReader] = set()
+
+    def close(self) -> None:
+        if self.is_open:
+            self.is_open = False
+            for reader in self._readers:
+                reader.hold()
+
+    def open(self) -> None:
+        if not self.is_open:
+            self.is_open = True
+            for reader in list(self._readers):
+                reader.release()
+
+    def attach(self, reader: LineReader) -> None:
+        self._readers.add(reader)
+
+    def detach(self, reader: LineReader) -> None:
+        self._readers.discard(reader)
+
+
 class LineReader:
     """Reads a pipe from the event loop and calls `emit(line)` for each line.
 
     Lines are decoded as UTF-8 (`errors="replace"`), without their `\\n` or `\\r\\n`; a last
-    line without a newline is still emitted. Takes ownership of `fd` (closes it).
+    line without a newline is still emitted. Takes ownership of `fd` (closes it). With a
+    `valve`, reading pauses while the valve is closed (until `unvalve()`).
     """
 
-    def __init__(self, fd: int, emit: Callable[[str], None]) -> None:
+    def __init__(self, fd: int, emit: Callable[[str], None], *, valve: Valve | None = None) -> None:
         os.set_blocking(fd, False)
         self._fd = fd
         self._emit = emit
         self._buf = b""
         self._loop = asyncio.get_running_loop()
         self._closed = asyncio.Event()
-        self._loop.add_reader(fd, self._on_readable)
+        self._valve = valve
+        self._reading = False
+        if valve is not None:
+            valve.attach(self)
+        if valve is None or valve.is_open:
+            self.release()
+
+    def hold(self) -> None:
+        """Stop reading until `release` (the pipe fills, and its writer waits)."""
+        if self._reading and self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def release(self) -> None:
+        if not self._reading and self._fd >= 0:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def unvalve(self) -> None:
+        """Read on whatever the valve says (the process has exited: what is left in its
+        pipe is read to the end)."""
+        if self._valve is not None:
+            self._valve.detach(self)
+            self._valve = None
+        self.release()
 
     @property
     def closed(self) -> bool:
@@ -195,7 +249,9 @@ class LineReader:
             self.drain()
             if self._fd < 0:
                 return
-        self._loop.remove_reader(self._fd)
+        if self._valve is not None:
+            self._valve.detach(self)
+        self.hold()
         os.close(self._fd)
         self._fd = -1
         self.flush()

@@ -21,7 +21,10 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._process import Valve
 
 __all__ = ["BASE_ENV_NAMES", "LogSink", "NodeCall", "NodeFailed", "NodeResult", "base_env"]
 
@@ -53,6 +56,8 @@ class NodeCall:
     """The graph's and the node's `env`, rendered; added to the allow-listed base."""
     workdir: Path | None = None
     """A fresh, empty directory for this attempt (created by the engine), or None."""
+    valve: Valve | None = None
+    """Holds the reading of the node's output while its consumer is behind (see `Valve`)."""
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
-from ._process import Child, LineReader, describe_exit
+from ._process import Child, LineReader, Valve, describe_exit
 from .base import LogSink, NodeCall, NodeFailed, NodeResult, base_env
 
 __all__ = ["MAX_OUTPUT_BYTES", "OUTPUT_FILE_NAME", "ShellExecutor", "parse_outputs"]
@@ -110,7 +110,7 @@ class ShellExecutor:
         elif call.workdir is not None:
             env["PWD"] = str(call.workdir)  # what bash would have exported to the program
         try:
-            returncode = await self._run_process(argv, env, call.workdir, log)
+            returncode = await self._run_process(argv, env, call.workdir, log, call.valve)
             text = _read_output_file(output_path)
         finally:
             if is_temporary:
@@ -152,7 +152,12 @@ class ShellExecutor:
         return [self._bash, "--noprofile", "--norc", "-eo", "pipefail", "-c", script]
 
     async def _run_process(
-        self, argv: list[str], env: dict[str, str], workdir: Path | None, log: LogSink
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        workdir: Path | None,
+        log: LogSink,
+        valve: Valve | None = None,
     ) -> int:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -173,10 +178,12 @@ class ShellExecutor:
         finally:
             os.close(out_w)
             os.close(err_w)
-        stdout = LineReader(out_r, partial(log, "stdout"))
-        stderr = LineReader(err_r, partial(log, "stderr"))
+        stdout = LineReader(out_r, partial(log, "stdout"), valve=valve)
+        stderr = LineReader(err_r, partial(log, "stderr"), valve=valve)
         try:
             await child.wait()
+            stdout.unvalve()  # what is left in the pipes is read to the end
+            stderr.unvalve()
             if not (stdout.closed and stderr.closed):
                 await _wait_closed(stdout, stderr, _PIPE_LINGER)
             child.killpg(signal.SIGKILL)  # leftovers of the script: background children
