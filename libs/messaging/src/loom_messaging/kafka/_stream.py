@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from loom_messaging.kafka._broker import KafkaBroker
 
 
+FETCH_WAIT_MS = 50
+"""The longest a subscriber's fetch waits at the broker for news."""
+
+
 class _Subscription:
     """One subscriber of a topic: a group-less consumer of all its partitions, placed at
     their ends when opened."""
@@ -36,7 +40,13 @@ class _Subscription:
     async def start(self) -> None:
         broker = self._broker
         partitions = await broker._partitions(self._topic)
-        consumer = AIOKafkaConsumer(**broker._consumer_config(), auto_offset_reset="latest")
+        consumer = AIOKafkaConsumer(
+            **broker._consumer_config(),
+            auto_offset_reset="latest",
+            # News is read as it comes: a broker that does not answer a fetch as soon as
+            # data arrives (Tansu waits out the whole wait) would add up to 500 ms.
+            fetch_max_wait_ms=FETCH_WAIT_MS,
+        )
         consumer.assign(partitions)
         try:
             with _translated(f"subscribing to {self._topic}"):
