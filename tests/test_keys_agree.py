@@ -23,6 +23,7 @@ OLD = "o" * 48
         f" {OLD} ,, {NEW} ,",
         "ü" * 32,
     ],
+    ids=["one key", "a generated key", "new and old", "spaces and empty entries", "non-ASCII"],
 )
 def test_loom_auth_and_loom_db_derive_the_same_signing_key(secret: str) -> None:
     assert signing_key_from_secret(secret) == derive_keys(secret).signing_key
