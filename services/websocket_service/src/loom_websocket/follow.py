@@ -71,6 +71,8 @@ class FollowExecution:
         self._hub.follow(follower)
         try:
             await self._follow()
+        except NotFound:  # unknown, or deleted while followed (retention)
+            await self._conn.close(NOT_FOUND, "no such execution")
         except _TooSlow:
             self._metrics.slow_closes.inc()
             reason = f"too slow: reconnect with after={follower.last_seq}"
@@ -80,11 +82,7 @@ class FollowExecution:
 
     async def _follow(self) -> None:
         follower = self._follower
-        try:
-            record = await self._state()
-        except NotFound:
-            await self._conn.close(NOT_FOUND, "no such execution")
-            return
+        record = await self._state()
         await self._fill()
         if record.finished:
             await self._finish(record)
