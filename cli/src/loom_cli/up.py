@@ -40,11 +40,8 @@ class UpSettings(RestSettings, WebhookSettings, TimerSettings, WorkerSettings, W
     """Every service's settings at once: each service is handed this same object."""
 
 
-def secret_key(data_dir: Path) -> str:
-    """`LOOM_SECRET_KEY`, else the key kept in `data_dir` (made on the first start)."""
-    given = os.environ.get("LOOM_SECRET_KEY")
-    if given:
-        return given
+def kept_secret_key(data_dir: Path) -> str:
+    """The secret key kept in `data_dir` (0600), made on the first start."""
     path = data_dir / SECRET_FILE
     if path.exists():
         return path.read_text().strip()
@@ -53,6 +50,32 @@ def secret_key(data_dir: Path) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(key + "\n")
     return key
+
+
+def load_up_settings(
+    data_dir: Path, host: str, port: int, ws_port: int, **flags: str | None
+) -> UpSettings:
+    """Every service's settings (defaults < loom.toml < LOOM_* < flags), where `loom up`
+    fills in what nothing set: the secret key and the SQLite database in `data_dir`, and
+    the WebSocket URL the API announces. Raises `SettingsError`, `OSError`."""
+    given: dict[str, Any] = {
+        **flags,
+        "rest_host": host,
+        "rest_port": port,
+        "webhook_host": host,
+        "webhook_port": port,
+        "websocket_host": host,
+        "websocket_port": ws_port,
+    }
+    settings = load_service_settings(UpSettings, **given)
+    filled: dict[str, Any] = {}
+    if settings.secret_key is None:
+        filled["secret_key"] = kept_secret_key(data_dir)
+    if settings.database_url == UpSettings.model_fields["database_url"].default:
+        filled["database_url"] = f"sqlite+aiosqlite:///{data_dir.resolve() / 'loom.db'}"
+    if settings.rest_public_ws_url is None:
+        filled["rest_public_ws_url"] = f"ws://{_shown(host)}:{ws_port}"
+    return load_service_settings(UpSettings, **(given | filled)) if filled else settings
 
 
 def up_command(
@@ -68,23 +91,15 @@ def up_command(
     started = time.monotonic()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        overrides: dict[str, Any] = {
-            "secret_key": secret_key(data_dir),
-            "database_url": database_url
-            or os.environ.get("LOOM_DATABASE_URL")
-            or f"sqlite+aiosqlite:///{data_dir.resolve() / 'loom.db'}",
-            "queue_url": queue_url,
-            "events_url": events_url,
-            "rest_host": host,
-            "rest_port": port,
-            "webhook_host": host,
-            "webhook_port": port,
-            "websocket_host": host,
-            "websocket_port": ws_port,
-        }
-        if not os.environ.get("LOOM_REST_PUBLIC_WS_URL"):
-            overrides["rest_public_ws_url"] = f"ws://{_shown(host)}:{ws_port}"
-        settings = load_service_settings(UpSettings, **overrides)
+        settings = load_up_settings(
+            data_dir,
+            host,
+            port,
+            ws_port,
+            database_url=database_url,
+            queue_url=queue_url,
+            events_url=events_url,
+        )
     except (SettingsError, OSError) as exc:
         print(f"loom up: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

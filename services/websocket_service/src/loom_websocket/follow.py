@@ -87,7 +87,7 @@ class FollowExecution:
         if record.finished:
             await self._finish(record)
             return
-        while not follower.closed:
+        while True:
             if follower.draining:
                 await self._drained()
             envelope = follower.take()

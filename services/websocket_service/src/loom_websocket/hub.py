@@ -98,7 +98,6 @@ class Follower:
     pending: deque[tuple[Envelope, int]] = field(default_factory=deque)
     pending_bytes: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    closed: bool = False
     draining: bool = False
     """Its unsent bytes passed the high-water mark: its task waits for them to drain."""
 
@@ -174,7 +173,7 @@ class Hub:
     def step_in(self, follower: Follower) -> bool:
         """Move `follower` into the broadcast group if nothing is buffered for it (no await
         between the caller's last send and this check, so nothing can slip between)."""
-        if follower.pending or follower.closed:
+        if follower.pending:
             return False
         channel = self._channels[follower.execution_id]
         channel.catching.discard(follower)
@@ -183,7 +182,6 @@ class Hub:
         return True
 
     def leave(self, follower: Follower) -> None:
-        follower.closed = True
         channel = self._channels.get(follower.execution_id)
         if channel is None:
             return

@@ -27,7 +27,7 @@ class WebsocketMetrics:
         )
         self.slow_closes = Counter(
             "loom_websocket_slow_closes",
-            "Connections closed with 4008 because their unsent bytes passed the high-water mark.",
+            "Connections closed with 4008 (full past the high-water mark and taking nothing).",
             registry=registry,
         )
         self.drain_waits = Counter(
