@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import httpx
 import orjson
 import pytest
+from sqlalchemy import text
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -325,3 +326,18 @@ async def test_stopping_the_service_closes_followers_with_1001(
         got = await asyncio.wait_for(following, 30)
     assert got.code == 1001
     assert got.seqs == list(range(1, len(got.seqs) + 1))
+
+
+@pytest.mark.parametrize("db", ["sqlite"], indirect=True)
+async def test_an_execution_deleted_while_followed_closes_its_followers_with_4404(
+    db: Database, broker: Broker
+) -> None:
+    async with System(db, broker, worker=False) as system:
+        await system.apply(printing("doomed", 1))
+        execution_id = await system.trigger("doomed")
+        following = asyncio.create_task(follow(system.url(execution_id), bearer=token()))
+        await until(lambda: system.live.hub.in_step(execution_id) == 1)
+        async with db.transaction() as conn:
+            await conn.execute(text("DELETE FROM executions WHERE id = :id"), {"id": execution_id})
+        got = await asyncio.wait_for(following, 60)  # found by the idle check
+    assert got.code == 4404

@@ -34,7 +34,7 @@ import orjson
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
 
-from loom_db import Database, executions, logs
+from loom_db import Database, NotFound, executions, logs
 from loom_db.executions import FINISHED_STATUSES
 from loom_messaging import Envelope, EventStream
 from loom_websocket.metrics import WebsocketMetrics
@@ -157,6 +157,7 @@ class Hub:
         self.high_water = high_water
         self._channels: dict[str, _Channel] = {}
         self._watchers: set[Watcher] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._frames: OrderedDict[int, tuple[dict[str, Any], bytes]] = OrderedDict()
         self.ready = asyncio.Event()
         self._log = logging.getLogger("loom.websocket")
@@ -342,7 +343,9 @@ class Hub:
             if _unsent(watcher.conn) > self.high_water:
                 self._watchers.discard(watcher)
                 self._metrics.slow_closes.inc()
-                asyncio.get_running_loop().create_task(watcher.conn.close(SLOW, "too slow"))
+                task = asyncio.create_task(watcher.conn.close(SLOW, "too slow"))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     # --- the database as the safety net ----------------------------------------------
 
@@ -355,19 +358,24 @@ class Hub:
                 if channel.in_step and not channel.checking and now - channel.heard > limit:
                     channel.checking = True
                     channel.heard = now
-                    asyncio.get_running_loop().create_task(self._check(execution_id, channel))
+                    task = asyncio.create_task(self._check(execution_id, channel))
+                    self._tasks.add(task)  # a task nothing refers to may be collected
+                    task.add_done_callback(self._tasks.discard)
 
     async def _check(self, execution_id: str, channel: _Channel) -> None:
         try:
             async with self._database.read() as conn:
                 record = await executions.get_execution(conn, execution_id)
                 stored = await logs.last_seq(conn, execution_id)
+            ended = record.finished
+        except NotFound:  # deleted (retention): each follower's task closes with 4404
+            ended, stored = True, 0
         except Exception as exc:
             self._log.info("checking execution %s failed: %s", execution_id, exc)
             return
         finally:
             channel.checking = False
-        behind = [f for f in channel.in_step if f.last_seq < stored or record.finished]
+        behind = [f for f in channel.in_step if f.last_seq < stored or ended]
         if behind:
             note = Envelope(
                 type=POLL,
